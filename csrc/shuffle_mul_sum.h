@@ -1,0 +1,109 @@
+// Shared by the CPU and CUDA kernels of moe::shuffle_mul_sum: argument checks and the
+// resolved shape of a call. The schema itself is defined in Python (fused_moe_ops/ops.py);
+// these checks carry the same messages as ops.check_args so that a caller gets the same error
+// from the fake (torch.compile), the reference fallback and a native kernel.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/util/Optional.h>
+
+#include <sstream>
+#include <string>
+
+namespace fused_moe_ops {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << "(";
+  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
+  if (t.dim() == 1) s << ",";
+  s << ")";
+  return s.str();
+}
+
+inline std::string dtype_str(at::ScalarType t) {
+  // Python spelling (torch.bfloat16), as the Python checks print it.
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kDouble: return "torch.float64";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+#define FMO_PREFIX "moe::shuffle_mul_sum: "
+
+struct CombineShape {
+  int64_t m;     // output rows (tokens)
+  int64_t topk;  // slots per token
+  int64_t k;     // hidden size
+  int64_t rows;  // rows of input (R)
+};
+
+inline CombineShape check_args(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
+                               const at::Tensor& factors, std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(input.dim() == 2, FMO_PREFIX "input must be a 2-D tensor (R, K), got ", input.dim(),
+              "-D with shape ", shape_str(input));
+  TORCH_CHECK(is_supported_float(input.scalar_type()),
+              FMO_PREFIX "input must have dtype float32, float16, bfloat16, got ", dtype_str(input.scalar_type()));
+  TORCH_CHECK(factors.dim() == 2, FMO_PREFIX "factors must be a 2-D tensor (M, topk), got ", factors.dim(),
+              "-D with shape ", shape_str(factors));
+  TORCH_CHECK(is_supported_float(factors.scalar_type()),
+              FMO_PREFIX "factors must have dtype float32, float16, bfloat16, got ", dtype_str(factors.scalar_type()));
+  TORCH_CHECK(factors.device() == input.device(), FMO_PREFIX "factors must be on the same device as input (",
+              input.device(), "), got ", factors.device());
+  CombineShape s{factors.size(0), factors.size(1), input.size(1), input.size(0)};
+  if (!permutation.has_value()) {
+    TORCH_CHECK(s.rows == s.m * s.topk, FMO_PREFIX "permutation=None (identity) needs input.shape[0] == M*topk = ",
+                s.m, "*", s.topk, " = ", s.m * s.topk, ", got input.shape[0] = ", s.rows);
+  } else {
+    const at::Tensor& p = *permutation;
+    TORCH_CHECK(p.scalar_type() == at::kInt || p.scalar_type() == at::kLong,
+                FMO_PREFIX "permutation must have dtype int32 or int64, got ", dtype_str(p.scalar_type()));
+    TORCH_CHECK(p.dim() == 1, FMO_PREFIX "permutation must be a 1-D tensor (M*topk,), got ", p.dim(),
+                "-D with shape ", shape_str(p));
+    TORCH_CHECK(p.device() == input.device(), FMO_PREFIX "permutation must be on the same device as input (",
+                input.device(), "), got ", p.device());
+    TORCH_CHECK(p.size(0) == s.m * s.topk, FMO_PREFIX "permutation must have M*topk = ", s.m, "*", s.topk, " = ",
+                s.m * s.topk, " entries (factors is ", s.m, "x", s.topk, "), got ", p.size(0));
+  }
+  if (out_dtype.has_value()) {
+    TORCH_CHECK(is_supported_float(*out_dtype),
+                FMO_PREFIX "out_dtype must be one of float32, float16, bfloat16 or None, got ", dtype_str(*out_dtype));
+  }
+  return s;
+}
+
+inline void check_out(const at::Tensor& out, const at::Tensor& input, const std::optional<at::Tensor>& permutation,
+                      const at::Tensor& factors, const CombineShape& s) {
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == s.m && out.size(1) == s.k, FMO_PREFIX "out must have shape (M, K) = (",
+              s.m, ", ", s.k, "), got ", shape_str(out));
+  TORCH_CHECK(is_supported_float(out.scalar_type()),
+              FMO_PREFIX "out must have dtype float32, float16, bfloat16, got ", dtype_str(out.scalar_type()));
+  TORCH_CHECK(out.device() == input.device(), FMO_PREFIX "out must be on the same device as input (", input.device(),
+              "), got ", out.device());
+  // Writing into memory we also read would be a silent wrong answer.
+  at::assert_no_internal_overlap(out);
+  at::assert_no_overlap(out, input);
+  at::assert_no_overlap(out, factors);
+  if (permutation.has_value()) at::assert_no_overlap(out, *permutation);
+}
+
+// input rows may be a strided view of a bigger buffer; only the last dimension must be dense.
+inline at::Tensor rows_with_dense_last_dim(const at::Tensor& t) {
+  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
+}
+
+}  // namespace fused_moe_ops

@@ -1,0 +1,238 @@
+// CPU kernel of moe::shuffle_mul_sum (the MoE combine step).
+//
+//   out[i, :] = sum_{j < topk, p = perm[i*topk+j] >= 0} factors[i, j] * input[p, :]
+//
+// Work is split over (output row, column chunk) so that one token (M = 1, decode) still uses
+// every core. Inside a chunk, a tile of columns is held in float32 registers while the topk
+// source rows stream through it: every source element is read exactly once, the output is
+// written exactly once, and the accumulation is float32 with one rounding at the end.
+// Vectorised with at::vec (built with the host's AVX2 / AVX-512 flags, see _build.py).
+#include "shuffle_mul_sum.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace fused_moe_ops {
+namespace {
+
+using VecF = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = VecF::size();       // floats per register
+constexpr int64_t kTileRegs = 4;               // float registers per column tile
+constexpr int64_t kTile = kLanes * kTileRegs;  // columns per tile (64 with AVX-512)
+
+// Load 2*kLanes elements of T as two float registers.
+template <typename T>
+inline void load_pair(const T* p, VecF& a, VecF& b) {
+  auto v = at::vec::Vectorized<T>::loadu(p);
+  std::tie(a, b) = at::vec::convert_to_float<T>(v);
+}
+template <>
+inline void load_pair<float>(const float* p, VecF& a, VecF& b) {
+  a = VecF::loadu(p);
+  b = VecF::loadu(p + kLanes);
+}
+
+template <typename T>
+inline void store_pair(T* p, const VecF& a, const VecF& b) {
+  at::vec::convert_from_float<T>(a, b).store(p);
+}
+template <>
+inline void store_pair<float>(float* p, const VecF& a, const VecF& b) {
+  a.store(p);
+  b.store(p + kLanes);
+}
+
+inline float factor_at(const void* base, at::ScalarType t, int64_t offset) {
+  switch (t) {
+    case at::kFloat: return static_cast<const float*>(base)[offset];
+    case at::kHalf: return static_cast<float>(static_cast<const at::Half*>(base)[offset]);
+    default: return static_cast<float>(static_cast<const at::BFloat16*>(base)[offset]);
+  }
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// float32 / float16 / bfloat16 only (check_args has rejected the rest): 9 instantiations, not 16.
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(TypeTag<float>{});
+    case at::kHalf: return f(TypeTag<at::Half>{});
+    case at::kBFloat16: return f(TypeTag<at::BFloat16>{});
+    default: TORCH_CHECK(false, FMO_PREFIX "unsupported dtype ", dtype_str(t));
+  }
+}
+
+struct Args {
+  const void* input;
+  int64_t input_row_stride;
+  const void* perm;  // nullptr: identity
+  bool perm_is_int32;
+  int64_t perm_stride;
+  const void* factors;
+  at::ScalarType factor_type;
+  int64_t factor_stride0, factor_stride1;
+  void* out;
+  int64_t out_row_stride;
+  int64_t m, topk, k;
+};
+
+inline int64_t perm_at(const Args& a, int64_t pos) {
+  if (a.perm == nullptr) return pos;
+  return a.perm_is_int32 ? static_cast<const int32_t*>(a.perm)[pos * a.perm_stride]
+                         : static_cast<const int64_t*>(a.perm)[pos * a.perm_stride];
+}
+
+template <typename in_t, typename out_t>
+void combine_rows(const Args& a) {
+  const in_t* input = static_cast<const in_t*>(a.input);
+  out_t* out = static_cast<out_t*>(a.out);
+  const int64_t k = a.k;
+
+  // Split K into chunks so that M * chunks gives every thread work even when M is 1.
+  const int64_t threads = at::get_num_threads();
+  const int64_t want_tasks = threads * 4;
+  int64_t chunks = 1;
+  if (a.m < want_tasks) chunks = std::min<int64_t>((want_tasks + a.m - 1) / a.m, (k + 1023) / 1024);
+  chunks = std::max<int64_t>(chunks, 1);
+  int64_t chunk_cols = (k + chunks - 1) / chunks;
+  chunk_cols = (chunk_cols + kTile - 1) / kTile * kTile;  // whole tiles, so only the last chunk has a tail
+  chunks = (k + chunk_cols - 1) / chunk_cols;
+  // Grain: enough tasks per parallel_for piece to amortise its cost (~32 KiB of input).
+  const int64_t bytes_per_task = std::max<int64_t>(1, a.topk * chunk_cols * (int64_t)sizeof(in_t));
+  const int64_t grain = std::max<int64_t>(1, (32 * 1024) / bytes_per_task);
+
+  at::parallel_for(0, a.m * chunks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<const in_t*> src_store(a.topk);
+    std::vector<float> w_store(a.topk);
+    const in_t** src = src_store.data();
+    float* w = w_store.data();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / chunks;
+      const int64_t c_begin = (task % chunks) * chunk_cols;
+      const int64_t c_end = std::min(k, c_begin + chunk_cols);
+      // Gather this token's live slots once: negative entries are dropped here.
+      int64_t n = 0;
+      for (int64_t j = 0; j < a.topk; ++j) {
+        const int64_t p = perm_at(a, i * a.topk + j);
+        if (p < 0) continue;
+        src[n] = input + p * a.input_row_stride;
+        w[n] = factor_at(a.factors, a.factor_type, i * a.factor_stride0 + j * a.factor_stride1);
+        ++n;
+      }
+      out_t* dst = out + i * a.out_row_stride;
+      int64_t c = c_begin;
+      for (; c + kTile <= c_end; c += kTile) {
+        VecF acc[kTileRegs];
+        for (int r = 0; r < kTileRegs; ++r) acc[r] = VecF(0.f);
+        for (int64_t s = 0; s < n; ++s) {
+          const VecF ws(w[s]);
+          const in_t* row = src[s] + c;
+          for (int r = 0; r < kTileRegs; r += 2) {
+            VecF x0, x1;
+            load_pair<in_t>(row + r * kLanes, x0, x1);
+            acc[r] = at::vec::fmadd(x0, ws, acc[r]);
+            acc[r + 1] = at::vec::fmadd(x1, ws, acc[r + 1]);
+          }
+        }
+        for (int r = 0; r < kTileRegs; r += 2) store_pair<out_t>(dst + c + r * kLanes, acc[r], acc[r + 1]);
+      }
+      for (; c < c_end; ++c) {  // tail: K not a multiple of the tile
+        float acc = 0.f;
+        for (int64_t s = 0; s < n; ++s) acc += w[s] * static_cast<float>(src[s][c]);
+        dst[c] = static_cast<out_t>(acc);
+      }
+    }
+  });
+}
+
+// The first entry >= R, checked before anything is written so a bad call leaves `out` untouched.
+void check_permutation_range(const Args& a, int64_t rows) {
+  if (a.perm == nullptr) return;
+  const int64_t n = a.m * a.topk;
+  for (int64_t pos = 0; pos < n; ++pos) {
+    const int64_t p = perm_at(a, pos);
+    if (C10_UNLIKELY(p >= rows)) {
+      TORCH_CHECK_INDEX(false, FMO_PREFIX "permutation[", pos, "] = ", p, " is out of range: input has ", rows,
+                        " rows, so entries must be < ", rows, " (negative entries are skipped)");
+    }
+  }
+}
+
+void combine_into(const at::Tensor& input_, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
+                  const CombineShape& s, at::Tensor& out) {
+  const at::Tensor input = rows_with_dense_last_dim(input_);
+  Args a{};
+  a.input = input.data_ptr();
+  a.input_row_stride = input.stride(0);
+  if (permutation.has_value()) {
+    a.perm = permutation->data_ptr();
+    a.perm_is_int32 = permutation->scalar_type() == at::kInt;
+    a.perm_stride = permutation->stride(0);
+  }
+  a.factors = factors.data_ptr();
+  a.factor_type = factors.scalar_type();
+  a.factor_stride0 = factors.stride(0);
+  a.factor_stride1 = factors.stride(1);
+  a.m = s.m;
+  a.topk = s.topk;
+  a.k = s.k;
+  check_permutation_range(a, s.rows);
+  if (s.m == 0 || s.k == 0) return;
+
+  // The kernel writes rows with a dense last dimension; anything else goes through a buffer.
+  const bool direct = s.k <= 1 || out.stride(1) == 1;
+  at::Tensor dst = direct ? out : at::empty({s.m, s.k}, out.options());
+  a.out = dst.data_ptr();
+  a.out_row_stride = dst.stride(0);
+
+  dispatch_float(input.scalar_type(), [&](auto in_tag) {
+    dispatch_float(dst.scalar_type(), [&](auto out_tag) {
+      combine_rows<typename decltype(in_tag)::type, typename decltype(out_tag)::type>(a);
+    });
+  });
+  if (!direct) out.copy_(dst);
+}
+
+at::Tensor shuffle_mul_sum_cpu(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
+                               const at::Tensor& factors, std::optional<at::ScalarType> out_dtype) {
+  const CombineShape s = check_args(input, permutation, factors, out_dtype);
+  at::Tensor out = at::empty({s.m, s.k}, input.options().dtype(out_dtype.value_or(input.scalar_type())));
+  combine_into(input, permutation, factors, s, out);
+  return out;
+}
+
+at::Tensor& shuffle_mul_sum_out_cpu(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
+                                    const at::Tensor& factors, at::Tensor& out) {
+  const CombineShape s = check_args(input, permutation, factors, std::nullopt);
+  check_out(out, input, permutation, factors, s);
+  combine_into(input, permutation, factors, s, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe, CPU, m) {
+  m.impl("shuffle_mul_sum", &shuffle_mul_sum_cpu);
+  m.impl("shuffle_mul_sum.out", &shuffle_mul_sum_out_cpu);
+}
+
+// No derivative (an inference op): forward runs under autograd, backward raises
+// "derivative for moe::shuffle_mul_sum is not implemented". Registered here, in C++, for every
+// device, so a call pays no Python autograd overhead. _registry.py registers a Python
+// equivalent when this library is not loaded.
+TORCH_LIBRARY_IMPL(moe, Autograd, m) {
+  m.impl("shuffle_mul_sum", torch::autograd::autogradNotImplementedFallback());
+  m.impl("shuffle_mul_sum.out", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace fused_moe_ops

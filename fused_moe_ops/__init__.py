@@ -1,0 +1,21 @@
+"""fused_moe_ops: the MoE combine step (gather, weight, sum) as one fused PyTorch operator.
+
+    import fused_moe_ops
+    out = fused_moe_ops.shuffle_mul_sum(expert_out, permutation, topk_weights)   # or torch.ops.moe.shuffle_mul_sum
+
+Importing the package defines ``torch.ops.moe.shuffle_mul_sum``, builds (once, cached) and loads
+its CPU / CUDA kernels, and installs the Inductor pass that rewrites the eager combine spelling
+into the op under ``torch.compile``.
+"""
+from .ops import shuffle_mul_sum  # noqa: F401  (defines the schema and the fake)
+from .reference import shuffle_mul_sum_reference  # noqa: F401
+from . import _registry
+
+_registry.setup()
+
+try:  # the fusion pass (fused_moe_ops/fusion/); optional until it lands
+    from .fusion import disable_fusion, enable_fusion, fusion_enabled, fusion_stats  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+__version__ = "0.1.0"

@@ -1,0 +1,132 @@
+"""Which implementation serves ``moe::shuffle_mul_sum`` on each device, decided once at import.
+
+    CPU : the C++ kernel (csrc/shuffle_mul_sum_cpu.cpp); if it could not be built, the reference.
+    CUDA: the C++ CUDA kernel (csrc/shuffle_mul_sum_cuda.cu); if it could not be built, the Triton
+          kernel (fused_moe_ops/triton_kernel.py); if Triton is missing, the reference.
+          FUSED_MOE_OPS_CUDA_BACKEND=cuda|triton|reference forces one.
+    Meta / FakeTensor: ops.py's fake.
+
+A fallback is announced with one warning that says why (the compiler's full message is in
+``python -m fused_moe_ops``).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, Optional
+
+import torch
+
+from . import _build
+from .ops import QUALNAME, _lib
+from .reference import shuffle_mul_sum_reference, shuffle_mul_sum_reference_out
+
+CUDA_BACKENDS = ("cuda", "triton", "reference")
+
+# What serves each device key: "cpp", "cuda", "triton" or "reference".
+ACTIVE: Dict[str, str] = {}
+FALLBACK_REASONS: Dict[str, str] = {}
+
+
+class _NoBackward(torch.autograd.Function):
+    """Python twin of C++'s autogradNotImplementedFallback, for when the CPU library is absent."""
+
+    @staticmethod
+    def forward(ctx, input, permutation, factors, out_dtype):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.moe.shuffle_mul_sum.default(input, permutation, factors, out_dtype)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"derivative for {QUALNAME} is not implemented (it is an inference op)")
+
+
+def _autograd_fallback(input, permutation, factors, out_dtype=None):
+    return _NoBackward.apply(input, permutation, factors, out_dtype)
+
+
+def _short(msg: str, limit: int = 300) -> str:
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= limit else msg[:limit] + " ..."
+
+
+def _register_python(key: str, functional, out_variant) -> None:
+    _lib.impl("shuffle_mul_sum", functional, key)
+    _lib.impl("shuffle_mul_sum.out", out_variant, key)
+
+
+def _reference_functional(input, permutation, factors, out_dtype=None):
+    return shuffle_mul_sum_reference(input, permutation, factors, out_dtype)
+
+
+def _setup_cpu() -> None:
+    result = _build.build_cpu()
+    if result.ok:
+        ACTIVE["cpu"] = "cpp"
+        return
+    reason = result.skipped or _short(result.error or "unknown error")
+    FALLBACK_REASONS["cpu"] = reason
+    _register_python("CPU", _reference_functional, shuffle_mul_sum_reference_out)
+    _lib.impl("shuffle_mul_sum", _autograd_fallback, "Autograd")
+    ACTIVE["cpu"] = "reference"
+    if not result.skipped:
+        warnings.warn(
+            f"fused_moe_ops: the C++ CPU kernel could not be built ({reason}); moe::shuffle_mul_sum runs on the "
+            "plain-PyTorch reference on CPU. `python -m fused_moe_ops` shows the compiler's message.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _triton_unavailable() -> Optional[str]:
+    try:
+        from . import triton_kernel
+    except ImportError as e:
+        return f"Triton kernel unavailable ({e})"
+    return triton_kernel.unavailable_reason()
+
+
+def _setup_cuda() -> None:
+    forced = os.environ.get("FUSED_MOE_OPS_CUDA_BACKEND", "").strip().lower() or None
+    if forced is not None and forced not in CUDA_BACKENDS:
+        raise ValueError(f"FUSED_MOE_OPS_CUDA_BACKEND must be one of {', '.join(CUDA_BACKENDS)}, got {forced!r}")
+    reasons = []
+    if forced in (None, "cuda"):
+        result = _build.build_cuda()
+        if result.ok:
+            ACTIVE["cuda"] = "cuda"
+            return
+        reasons.append(f"CUDA kernel not built: {result.skipped or _short(result.error or '')}")
+    if forced in (None, "triton"):
+        why = _triton_unavailable()
+        if why is None:
+            from .triton_kernel import shuffle_mul_sum_triton, shuffle_mul_sum_triton_out
+
+            _register_python("CUDA", shuffle_mul_sum_triton, shuffle_mul_sum_triton_out)
+            ACTIVE["cuda"] = "triton"
+            FALLBACK_REASONS["cuda"] = "; ".join(reasons) or "forced by FUSED_MOE_OPS_CUDA_BACKEND"
+            return
+        reasons.append(why)
+    _register_python("CUDA", _reference_functional, shuffle_mul_sum_reference_out)
+    ACTIVE["cuda"] = "reference"
+    FALLBACK_REASONS["cuda"] = "; ".join(reasons) or "forced by FUSED_MOE_OPS_CUDA_BACKEND"
+    # Only worth a warning where CUDA tensors can actually reach the op.
+    if torch.cuda.is_available() and forced is None:
+        warnings.warn(
+            f"fused_moe_ops: moe::shuffle_mul_sum runs on the plain-PyTorch reference on CUDA "
+            f"({FALLBACK_REASONS['cuda']}).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_DONE = False
+
+
+def setup() -> None:
+    global _DONE
+    if _DONE:
+        return
+    _DONE = True
+    _setup_cpu()
+    _setup_cuda()

@@ -1,0 +1,173 @@
+"""``moe::shuffle_mul_sum``: schema, argument checks, fake (meta) implementation, typed wrapper.
+
+This file is the single place where the operator is *defined*. Kernels only *implement* it:
+``csrc/shuffle_mul_sum_cpu.cpp`` and ``csrc/shuffle_mul_sum_cuda.cu`` register with
+``TORCH_LIBRARY_IMPL(moe, CPU|CUDA, m)``; ``fused_moe_ops.triton_kernel`` and
+``fused_moe_ops.reference`` are registered from Python when a native build is missing
+(see ``fused_moe_ops._registry``). Defining the schema here, not in C++, is what lets the
+package import and the op run (on the reference) on a machine that cannot compile anything.
+
+What it computes (the MoE combine step, one pass over memory)::
+
+    out[i, :] = sum_{j < topk, p = permutation[i*topk + j], p >= 0} factors[i, j] * input[p, :]
+
+accumulated in float32 and rounded once to ``out_dtype``. Negative permutation entries mean
+"no contribution" (dropped token, expert on another rank); an entry >= R is an error.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+NAMESPACE = "moe"
+OP_NAME = "shuffle_mul_sum"
+QUALNAME = f"{NAMESPACE}::{OP_NAME}"
+
+FUNCTIONAL_SCHEMA = (
+    "shuffle_mul_sum(Tensor input, Tensor? permutation, Tensor factors, "
+    "ScalarType? out_dtype=None) -> Tensor"
+)
+OUT_SCHEMA = (
+    "shuffle_mul_sum.out(Tensor input, Tensor? permutation, Tensor factors, *, "
+    "Tensor(a!) out) -> Tensor(a!)"
+)
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+# The library object must stay alive for the definitions to stay registered.
+_lib = torch.library.Library(NAMESPACE, "DEF")
+_lib.define(FUNCTIONAL_SCHEMA)
+_lib.define(OUT_SCHEMA)
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_args(
+    input: Tensor, permutation: Optional[Tensor], factors: Tensor, out_dtype: Optional[torch.dtype]
+) -> tuple:
+    """Validate the arguments; return (M, topk, K). Works on real, fake and meta tensors.
+
+    The C++ kernels run the same checks with the same messages (csrc/shuffle_mul_sum.h);
+    tests/test_errors.py holds both to it.
+    """
+    p = "moe::shuffle_mul_sum: "
+    torch._check(
+        input.dim() == 2,
+        lambda: f"{p}input must be a 2-D tensor (R, K), got {input.dim()}-D with shape {tuple(input.shape)}",
+    )
+    torch._check(
+        input.dtype in FLOAT_DTYPES,
+        lambda: f"{p}input must have dtype {_names(FLOAT_DTYPES)}, got {input.dtype}",
+    )
+    torch._check(
+        factors.dim() == 2,
+        lambda: f"{p}factors must be a 2-D tensor (M, topk), got {factors.dim()}-D with shape {tuple(factors.shape)}",
+    )
+    torch._check(
+        factors.dtype in FLOAT_DTYPES,
+        lambda: f"{p}factors must have dtype {_names(FLOAT_DTYPES)}, got {factors.dtype}",
+    )
+    torch._check(
+        factors.device == input.device,
+        lambda: f"{p}factors must be on the same device as input ({input.device}), got {factors.device}",
+    )
+    rows, k = input.shape
+    m, topk = factors.shape
+    if permutation is None:
+        torch._check(
+            rows == m * topk,
+            lambda: f"{p}permutation=None (identity) needs input.shape[0] == M*topk = {m}*{topk} = {m * topk}, "
+            f"got input.shape[0] = {rows}",
+        )
+    else:
+        torch._check(
+            permutation.dtype in INDEX_DTYPES,
+            lambda: f"{p}permutation must have dtype int32 or int64, got {permutation.dtype}",
+        )
+        torch._check(
+            permutation.dim() == 1,
+            lambda: f"{p}permutation must be a 1-D tensor (M*topk,), got {permutation.dim()}-D with shape "
+            f"{tuple(permutation.shape)}",
+        )
+        torch._check(
+            permutation.device == input.device,
+            lambda: f"{p}permutation must be on the same device as input ({input.device}), got {permutation.device}",
+        )
+        torch._check(
+            permutation.shape[0] == m * topk,
+            lambda: f"{p}permutation must have M*topk = {m}*{topk} = {m * topk} entries (factors is {m}x{topk}), "
+            f"got {permutation.shape[0]}",
+        )
+    if out_dtype is not None:
+        torch._check(
+            out_dtype in FLOAT_DTYPES,
+            lambda: f"{p}out_dtype must be one of {_names(FLOAT_DTYPES)} or None, got {out_dtype}",
+        )
+    return m, topk, k
+
+
+def check_out(out: Tensor, input: Tensor, m, k) -> None:
+    p = "moe::shuffle_mul_sum: "
+    torch._check(
+        out.dim() == 2 and out.shape[0] == m and out.shape[1] == k,
+        lambda: f"{p}out must have shape (M, K) = ({m}, {k}), got {tuple(out.shape)}",
+    )
+    torch._check(
+        out.dtype in FLOAT_DTYPES,
+        lambda: f"{p}out must have dtype {_names(FLOAT_DTYPES)}, got {out.dtype}",
+    )
+    torch._check(
+        out.device == input.device,
+        lambda: f"{p}out must be on the same device as input ({input.device}), got {out.device}",
+    )
+
+
+@torch.library.register_fake(QUALNAME)
+def _shuffle_mul_sum_fake(input, permutation, factors, out_dtype=None):
+    m, _, k = check_args(input, permutation, factors, out_dtype)
+    return input.new_empty((m, k), dtype=out_dtype if out_dtype is not None else input.dtype)
+
+
+@torch.library.register_fake(f"{QUALNAME}.out")
+def _shuffle_mul_sum_out_fake(input, permutation, factors, *, out):
+    m, _, k = check_args(input, permutation, factors, None)
+    check_out(out, input, m, k)
+    return out
+
+
+def shuffle_mul_sum(
+    input: Tensor,
+    permutation: Optional[Tensor],
+    factors: Tensor,
+    *,
+    out_dtype: Optional[torch.dtype] = None,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """Gather rows of ``input`` by ``permutation``, scale by ``factors`` and sum over top-k.
+
+    Shapes:
+        input:       (R, K)        float32 / float16 / bfloat16; rows may be strided (row stride >= K)
+        permutation: (M*topk,)     int32 / int64, or None for the identity (then R == M*topk);
+                                   entry ``i*topk + j`` is the row of ``input`` holding token i's
+                                   j-th expert output; negative entries contribute nothing
+        factors:     (M, topk)     float32 / float16 / bfloat16 (router weights)
+        returns:     (M, K)        dtype ``out_dtype`` (default: input.dtype), or ``out``
+
+    Equivalent to (for non-negative permutation entries)::
+
+        (input[permutation].view(M, topk, K).float() * factors.view(M, topk, 1).float()).sum(1).to(out_dtype)
+
+    with one rounding at the end. No autograd formula: backward raises.
+    """
+    if out is not None:
+        if out_dtype is not None and out_dtype != out.dtype:
+            raise ValueError(
+                f"moe::shuffle_mul_sum: out_dtype={out_dtype} disagrees with out.dtype={out.dtype}; pass one of them"
+            )
+        return torch.ops.moe.shuffle_mul_sum.out(input, permutation, factors, out=out)
+    return torch.ops.moe.shuffle_mul_sum(input, permutation, factors, out_dtype)

@@ -1,0 +1,90 @@
+"""Plain-PyTorch reference for ``moe::shuffle_mul_sum``: the single source of truth for tests.
+
+``shuffle_mul_sum_reference(..., acc_dtype=torch.float64)`` is what every kernel test compares
+against. With the default ``acc_dtype=torch.float32`` it is also the op's fallback
+implementation on devices where no kernel could be built (registered by ``_registry``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .ops import check_args, check_out
+
+
+def check_permutation_range(permutation: Optional[Tensor], num_rows: int) -> None:
+    """Raise if any entry is >= num_rows, naming the first bad position and its value.
+
+    Reads the permutation's values: on CUDA this synchronises, which is why the CUDA kernel
+    checks on the device instead.
+    """
+    if permutation is None or permutation.numel() == 0:
+        return
+    bad = (permutation >= num_rows).nonzero()
+    if bad.numel():
+        pos = int(bad[0, 0])
+        raise IndexError(
+            f"moe::shuffle_mul_sum: permutation[{pos}] = {int(permutation[pos])} is out of range: "
+            f"input has {num_rows} rows, so entries must be < {num_rows} (negative entries are skipped)"
+        )
+
+
+def shuffle_mul_sum_reference(
+    input: Tensor,
+    permutation: Optional[Tensor],
+    factors: Tensor,
+    out_dtype: Optional[torch.dtype] = None,
+    *,
+    acc_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """out[i] = sum_j factors[i, j] * input[permutation[i*topk+j]], skipping negative entries.
+
+    Accumulates in ``acc_dtype`` and rounds once to ``out_dtype`` (default input.dtype).
+    """
+    m, topk, k = check_args(input, permutation, factors, out_dtype)
+    check_permutation_range(permutation, input.shape[0])
+    if permutation is None:
+        rows = input.to(acc_dtype)
+    else:
+        index = permutation.long()
+        rows = input.index_select(0, index.clamp(min=0)).to(acc_dtype)
+        # torch.where, not a multiply by the mask: a skipped row holding inf/nan must not leak.
+        rows = torch.where((index >= 0).unsqueeze(-1), rows, rows.new_zeros(()))
+    weighted = rows.view(m, topk, k) * factors.to(acc_dtype).view(m, topk, 1)
+    return weighted.sum(dim=1).to(out_dtype if out_dtype is not None else input.dtype)
+
+
+def shuffle_mul_sum_reference_out(
+    input: Tensor, permutation: Optional[Tensor], factors: Tensor, *, out: Tensor
+) -> Tensor:
+    m, _, k = check_args(input, permutation, factors, None)
+    check_out(out, input, m, k)
+    _check_no_overlap(out, input, permutation, factors)
+    out.copy_(shuffle_mul_sum_reference(input, permutation, factors, out.dtype))
+    return out
+
+
+def _check_no_overlap(out: Tensor, *others: Optional[Tensor]) -> None:
+    # Same guarantee as the C++ kernels' at::assert_no_overlap: writing into a tensor that
+    # shares memory with an input would give a silent wrong answer.
+    for other in others:
+        if other is not None and other.numel() and out.numel() and _ranges_overlap(out, other):
+            raise RuntimeError(
+                "moe::shuffle_mul_sum: out must not share memory with input, permutation or factors"
+            )
+
+
+def _ranges_overlap(a: Tensor, b: Tensor) -> bool:
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: Tensor):
+        start = t.data_ptr()
+        extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
+        return start, start + extent * t.element_size()
+
+    a0, a1 = span(a)
+    b0, b1 = span(b)
+    return a0 < b1 and b0 < a1
