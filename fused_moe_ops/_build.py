@@ -126,12 +126,13 @@ def cuda_flags() -> List[str]:
     return ["-O3", "-lineinfo"]
 
 
-def _tag(kind: str, flags: List[str]) -> str:
+def _tag(kind: str, sources: List[Path], flags: List[str]) -> str:
+    """Hash of what the library is built from: its sources, the shared headers, flags, versions."""
     h = hashlib.sha256()
-    for src in sorted(csrc_dir().iterdir()):
-        if src.suffix in (".h", ".cuh", ".cpp", ".cu"):
-            h.update(src.name.encode())
-            h.update(src.read_bytes())
+    headers = sorted(p for p in csrc_dir().iterdir() if p.suffix in (".h", ".cuh"))
+    for src in headers + sorted(sources):
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
     for item in flags + [torch.__version__, str(torch.version.cuda), sys.version, kind, platform.machine()]:
         h.update(item.encode())
     return h.hexdigest()[:16]
@@ -178,7 +179,7 @@ def _load(kind: str, sources: List[Path], cflags: List[str], cuda_cflags: List[s
     cpp_extension = _cpp_extension()
 
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if kind == "cuda" else ""
-    tag = _tag(kind, cflags + cuda_cflags + includes + [arch])
+    tag = _tag(kind, sources, cflags + cuda_cflags + includes + [arch])
     name = f"fused_moe_ops_{kind}_{tag}"
     build_dir = cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -245,6 +246,31 @@ def build_cuda(verbose: bool = False) -> BuildResult:
     except Exception as e:  # noqa: BLE001
         result.error = f"{type(e).__name__}: {e}"
     return result
+
+
+def fatbin_targets(library: str) -> List[str]:
+    """The GPU code embedded in a CUDA library, e.g. ["sm_80", "sm_90", "compute_90"] (sm_*: machine
+    code; compute_*: PTX, JIT-compiled by the driver on newer GPUs). Parses the fatbinary headers
+    directly, so it needs no cuobjdump."""
+    import struct
+
+    data = Path(library).read_bytes()
+    magic = struct.pack("<I", 0xBA55ED50)
+    found = set()
+    pos = data.find(magic)
+    while pos >= 0:
+        _, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
+        entry, end = pos + header_size, pos + header_size + fat_size
+        while entry + 32 <= end:
+            kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, entry)
+            arch = struct.unpack_from("<I", data, entry + 28)[0]
+            if kind in (1, 2) and entry_header:
+                found.add(("compute_" if kind == 1 else "sm_") + str(arch))
+            if not entry_header:
+                break
+            entry += entry_header + size
+        pos = data.find(magic, max(end, pos + 4))
+    return sorted(found, key=lambda t: (int(t.split("_")[1]), t.startswith("compute")))
 
 
 def main(argv=None) -> int:
