@@ -8,6 +8,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Optional.h>
 
+#include <cctype>
 #include <sstream>
 #include <string>
 
@@ -27,7 +28,7 @@ inline std::string shape_str(const at::Tensor& t) {
 }
 
 inline std::string dtype_str(at::ScalarType t) {
-  // Python spelling (torch.bfloat16), as the Python checks print it.
+  // Python spelling (torch.bfloat16, torch.complex64, torch.float8_e4m3fn), as ops.check_args prints it.
   switch (t) {
     case at::kFloat: return "torch.float32";
     case at::kHalf: return "torch.float16";
@@ -39,8 +40,16 @@ inline std::string dtype_str(at::ScalarType t) {
     case at::kChar: return "torch.int8";
     case at::kByte: return "torch.uint8";
     case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(t);
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: break;
   }
+  // The rest (float8_*, float4_*, uint16/32/64, qint8, bits*, int1..7) print as their C++ name
+  // lower-cased: Float8_e4m3fn -> float8_e4m3fn, UInt16 -> uint16, QInt8 -> qint8.
+  std::string name = c10::toString(t);
+  for (auto& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return "torch." + name;
 }
 
 #define FMO_PREFIX "moe::shuffle_mul_sum: "
@@ -86,6 +95,20 @@ inline CombineShape check_args(const at::Tensor& input, const std::optional<at::
   return s;
 }
 
+// [first byte, last byte + 1) of the memory a tensor's elements live in.
+inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  int64_t extent = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  return {start, start + static_cast<uintptr_t>(extent * t.element_size())};
+}
+
+inline bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto sa = byte_span(a), sb = byte_span(b);
+  return sa.first < sb.second && sb.first < sa.second;
+}
+
 inline void check_out(const at::Tensor& out, const at::Tensor& input, const std::optional<at::Tensor>& permutation,
                       const at::Tensor& factors, const CombineShape& s) {
   TORCH_CHECK(out.dim() == 2 && out.size(0) == s.m && out.size(1) == s.k, FMO_PREFIX "out must have shape (M, K) = (",
@@ -94,11 +117,14 @@ inline void check_out(const at::Tensor& out, const at::Tensor& input, const std:
               FMO_PREFIX "out must have dtype float32, float16, bfloat16, got ", dtype_str(out.scalar_type()));
   TORCH_CHECK(out.device() == input.device(), FMO_PREFIX "out must be on the same device as input (", input.device(),
               "), got ", out.device());
-  // Writing into memory we also read would be a silent wrong answer.
-  at::assert_no_internal_overlap(out);
-  at::assert_no_overlap(out, input);
-  at::assert_no_overlap(out, factors);
-  if (permutation.has_value()) at::assert_no_overlap(out, *permutation);
+  // Writing into memory we also read would be a silent wrong answer. ATen's own overlap checks
+  // give up ("too hard") on non-dense views, so compare address spans instead: conservative
+  // (two interleaved views of one buffer are refused too) but never wrong.
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+              FMO_PREFIX "out must not have elements that share memory (e.g. an expand()ed tensor)");
+  const bool overlaps = spans_overlap(out, input) || spans_overlap(out, factors) ||
+                        (permutation.has_value() && spans_overlap(out, *permutation));
+  TORCH_CHECK(!overlaps, FMO_PREFIX "out must not share memory with input, permutation or factors");
 }
 
 // input rows may be a strided view of a bigger buffer; only the last dimension must be dense.

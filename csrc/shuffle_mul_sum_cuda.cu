@@ -78,6 +78,8 @@ __global__ void __launch_bounds__(kMaxThreads) shuffle_mul_sum_kernel(const Para
       float w = 0.f;
       if (j < P.topk) {
         const int64_t pos = i * P.topk + j;
+        // Issued before the permutation load resolves: two independent loads, one round trip.
+        w = load_factor(P.factors, P.factor_kind, i * P.factor_stride0 + j * P.factor_stride1);
         if (P.perm == nullptr) {
           p = pos;
         } else {
@@ -89,7 +91,6 @@ __global__ void __launch_bounds__(kMaxThreads) shuffle_mul_sum_kernel(const Para
                  static_cast<long long>(pos), static_cast<long long>(p), static_cast<long long>(P.rows));
         }
         CUDA_KERNEL_ASSERT(p < P.rows && "moe::shuffle_mul_sum: permutation entry >= input.shape[0]");
-        if (p >= 0) w = load_factor(P.factors, P.factor_kind, i * P.factor_stride0 + j * P.factor_stride1);
       }
       const bool valid = p >= 0;
       const unsigned ballot = __ballot_sync(0xffffffffu, valid);

@@ -15,6 +15,7 @@ Environment:
     FUSED_MOE_OPS_CACHE=DIR     where builds live
     FUSED_MOE_OPS_NO_BUILD=1    do not compile anything (the op runs on the fallbacks)
     FUSED_MOE_OPS_NO_CUDA=1     do not compile the CUDA kernel
+    FUSED_MOE_OPS_VERBOSE=1     show the compiler's command lines and output
     TORCH_CUDA_ARCH_LIST        overrides the default "8.0;9.0+PTX"
     CUDA_HOME                   the CUDA toolkit (default: /usr/local/cuda if it has nvcc)
 """
@@ -204,13 +205,18 @@ def _load(kind: str, sources: List[Path], cflags: List[str], cuda_cflags: List[s
     result.ok = True
 
 
+def _verbose(verbose: bool) -> bool:
+    return verbose or os.environ.get("FUSED_MOE_OPS_VERBOSE") == "1"
+
+
 def build_cpu(verbose: bool = False) -> BuildResult:
     result = RESULTS["cpu"] = BuildResult("cpu")
     if os.environ.get("FUSED_MOE_OPS_NO_BUILD") == "1":
         result.skipped = "FUSED_MOE_OPS_NO_BUILD=1"
         return result
     try:
-        _load("cpu", [csrc_dir() / "shuffle_mul_sum_cpu.cpp"], cpu_flags(cpu_isa()), [], [], result, verbose)
+        _load("cpu", [csrc_dir() / "shuffle_mul_sum_cpu.cpp"], cpu_flags(cpu_isa()), [], [], result,
+              _verbose(verbose))
         torch.ops.moe.shuffle_mul_sum.default  # noqa: B018  (fails loudly if registration went wrong)
     except Exception as e:  # noqa: BLE001 - any failure means "use the fallback", with the reason kept
         result.error = f"{type(e).__name__}: {e}"
@@ -242,7 +248,7 @@ def build_cuda(verbose: bool = False) -> BuildResult:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH_LIST
         with _env(CUDA_HOME=cuda_home, TORCH_CUDA_ARCH_LIST=arch):
             _load("cuda", [csrc_dir() / "shuffle_mul_sum_cuda.cu"], ["-O3"],
-                  cuda_flags(), cuda_include_paths(), result, verbose)
+                  cuda_flags(), cuda_include_paths(), result, _verbose(verbose))
     except Exception as e:  # noqa: BLE001
         result.error = f"{type(e).__name__}: {e}"
     return result
@@ -281,8 +287,9 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show the compiler's command lines and output")
     parser.add_argument("--cpu-only", action="store_true", help="skip the CUDA kernel")
     args = parser.parse_args(argv)
-    # Importing the package builds what it can; with --verbose rebuild messages come through.
-    os.environ.setdefault("FUSED_MOE_OPS_NO_BUILD", "0")
+    # Importing the package (which `python -m` does first) already built or found the libraries;
+    # this re-checks them and reports. For compiler output on a fresh build use
+    # FUSED_MOE_OPS_VERBOSE=1, which the import-time build honours too.
     results = [build_cpu(args.verbose)]
     if not args.cpu_only:
         results.append(build_cuda(args.verbose))

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import torch
 
 from . import _build
-from .ops import QUALNAME, _lib
+from .ops import QUALNAME, _lib, check_args, check_out
 from .reference import shuffle_mul_sum_reference, shuffle_mul_sum_reference_out
 
 CUDA_BACKENDS = ("cuda", "triton", "reference")
@@ -45,6 +45,20 @@ def _autograd_fallback(input, permutation, factors, out_dtype=None):
     return _NoBackward.apply(input, permutation, factors, out_dtype)
 
 
+def _autograd_fallback_out(input, permutation, factors, *, out):
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, permutation, factors)
+    )
+    if not needs_grad:
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.moe.shuffle_mul_sum.out(input, permutation, factors, out=out)
+    # Route through _NoBackward so that `out` carries a grad_fn whose backward raises, as the
+    # C++ autogradNotImplementedFallback does for the compiled library.
+    m, _, k = check_args(input, permutation, factors, None)
+    check_out(out, input, m, k)
+    return out.copy_(_NoBackward.apply(input, permutation, factors, out.dtype))
+
+
 def _short(msg: str, limit: int = 300) -> str:
     msg = " ".join(msg.split())
     return msg if len(msg) <= limit else msg[:limit] + " ..."
@@ -68,6 +82,7 @@ def _setup_cpu() -> None:
     FALLBACK_REASONS["cpu"] = reason
     _register_python("CPU", _reference_functional, shuffle_mul_sum_reference_out)
     _lib.impl("shuffle_mul_sum", _autograd_fallback, "Autograd")
+    _lib.impl("shuffle_mul_sum.out", _autograd_fallback_out, "Autograd")
     ACTIVE["cpu"] = "reference"
     if not result.skipped:
         warnings.warn(

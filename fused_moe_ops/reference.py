@@ -67,8 +67,12 @@ def shuffle_mul_sum_reference_out(
 
 
 def _check_no_overlap(out: Tensor, *others: Optional[Tensor]) -> None:
-    # Same guarantee as the C++ kernels' at::assert_no_overlap: writing into a tensor that
-    # shares memory with an input would give a silent wrong answer.
+    # Same rule and message as csrc/shuffle_mul_sum.h's check_out: writing into memory we also
+    # read would be a silent wrong answer. Address spans: conservative, never wrong.
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise RuntimeError(
+            "moe::shuffle_mul_sum: out must not have elements that share memory (e.g. an expand()ed tensor)"
+        )
     for other in others:
         if other is not None and other.numel() and out.numel() and _ranges_overlap(out, other):
             raise RuntimeError(
@@ -77,9 +81,6 @@ def _check_no_overlap(out: Tensor, *others: Optional[Tensor]) -> None:
 
 
 def _ranges_overlap(a: Tensor, b: Tensor) -> bool:
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-
     def span(t: Tensor):
         start = t.data_ptr()
         extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
