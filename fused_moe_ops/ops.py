@@ -40,7 +40,11 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 # The library object must stay alive for the definitions to stay registered.
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define(FUNCTIONAL_SCHEMA)
-_lib.define(OUT_SCHEMA)
+# torch.Tag.out (torch >= 2.12) tells functionalization that `out` is a write-only buffer, so
+# torch.compile / torch.export can auto-functionalize the .out overload despite its aliasing
+# return. Older torch has no such tag: there .out works in eager code only.
+OUT_IS_FUNCTIONALIZABLE = hasattr(torch.Tag, "out")
+_lib.define(OUT_SCHEMA, tags=(torch.Tag.out,) if OUT_IS_FUNCTIONALIZABLE else ())
 
 
 def _names(dtypes) -> str:

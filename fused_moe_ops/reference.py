@@ -47,6 +47,9 @@ def shuffle_mul_sum_reference(
     check_permutation_range(permutation, input.shape[0])
     if permutation is None:
         rows = input.to(acc_dtype)
+    elif input.shape[0] == 0:
+        # Valid only when every entry is negative (checked above): nothing is gathered.
+        rows = input.new_zeros((m * topk, k), dtype=acc_dtype)
     else:
         index = permutation.long()
         rows = input.index_select(0, index.clamp(min=0)).to(acc_dtype)
