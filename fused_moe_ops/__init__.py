@@ -14,7 +14,7 @@ from . import _registry
 _registry.setup()
 
 try:  # the fusion pass (fused_moe_ops/fusion/); optional until it lands
-    from .fusion import disable_fusion, enable_fusion, fusion_enabled, fusion_stats  # noqa: F401
+    from .fusion import disable_fusion, enable_fusion, fusion_enabled, fusion_stats, reset_fusion_stats  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
 

@@ -35,6 +35,9 @@ OUT_SCHEMA = (
 )
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The CUDA kernel stages a row's (index, factor) pairs in shared memory: kMaxTopk in
+# csrc/shuffle_mul_sum_cuda.cu. The fusion pass never rewrites a larger (or unknown) topk on CUDA.
+CUDA_MAX_TOPK = 2048
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 # The library object must stay alive for the definitions to stay registered.

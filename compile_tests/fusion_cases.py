@@ -1,0 +1,237 @@
+"""The combine spellings the pass must rewrite / leave alone, their inputs, and the checks shared by
+the compile tests.
+
+Every spelling is written the way model code is: sizes come from the tensors (so the token count can
+be dynamic), except ``TOPK``, a model constant.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import torch
+from torch.testing import FileCheck
+
+import fused_moe_ops
+from fused_moe_ops.reference import shuffle_mul_sum_reference
+
+TOPK = 2
+K = 16
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# ---------------------------------------------------------------- spellings the pass rewrites
+
+
+def seed(x, idx, w):  # the line from sglang PR 6916
+    m, k = w.shape[0], x.shape[1]
+    return (x[idx].view(m, TOPK, k) * w.view(m, TOPK, 1).to(x.dtype)).sum(dim=1)
+
+
+def seed_no_to(x, idx, w):  # without .to: weights in another dtype promote the product
+    m, k = w.shape[0], x.shape[1]
+    return (x[idx].view(m, TOPK, k) * w.view(m, TOPK, 1)).sum(dim=1)
+
+
+def reshape(x, idx, w):
+    m, k = w.shape[0], x.shape[1]
+    return (x[idx].reshape(m, TOPK, k) * w.reshape(m, TOPK, 1)).sum(dim=1)
+
+
+def unsqueeze(x, idx, w):
+    m, k = w.shape[0], x.shape[1]
+    return (x[idx].view(m, TOPK, k) * w.unsqueeze(-1)).sum(dim=1)
+
+
+def ellipsis_none(x, idx, w):
+    m, k = w.shape[0], x.shape[1]
+    return (x[idx].view(m, TOPK, k) * w[..., None]).sum(dim=1)
+
+
+def commuted(x, idx, w):
+    m, k = w.shape[0], x.shape[1]
+    return (w.view(m, TOPK, 1).to(x.dtype) * x[idx].view(m, TOPK, k)).sum(dim=1)
+
+
+def sum1(x, idx, w):
+    m, k = w.shape[0], x.shape[1]
+    return (x[idx].view(m, TOPK, k) * w.unsqueeze(-1)).sum(1)
+
+
+def index_select(x, idx, w):
+    m, k = w.shape[0], x.shape[1]
+    return (x.index_select(0, idx).view(m, TOPK, k) * w.unsqueeze(-1)).sum(dim=1)
+
+
+def upcast(x, idx, w):
+    m, k = w.shape[0], x.shape[1]
+    return (x[idx].view(m, TOPK, k).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
+
+
+def weights_before_gather(y, idx, w_sorted):
+    m, k = idx.shape[0] // TOPK, y.shape[1]
+    return (y * w_sorted.unsqueeze(-1))[idx].view(m, TOPK, k).sum(dim=1)
+
+
+def no_gather(y, w):
+    m, k = w.shape[0], y.shape[1]
+    return (y * w.reshape(-1).unsqueeze(-1)).view(m, TOPK, k).sum(dim=1)
+
+
+def bmm(x, idx, w):
+    m, k = w.shape[0], x.shape[1]
+    return torch.bmm(w.unsqueeze(1), x[idx].view(m, TOPK, k)).squeeze(1)
+
+
+def einsum(x, idx, w):
+    m, k = w.shape[0], x.shape[1]
+    return torch.einsum("mkh,mk->mh", x[idx].view(m, TOPK, k), w)
+
+
+@dataclass(frozen=True)
+class Spelling:
+    name: str
+    fn: Callable
+    pattern: str                 # the fusion expected to fire (key of fusion_stats()["by_pattern"])
+    kind: str = "gather"         # gather | sorted (weights per row of y) | identity (no gather)
+    weights: str = "x"           # dtype of the weights: "x" (same as x) or "f32"
+    negative_ok: bool = True     # eager accepts negative indices (x[idx] does, index_select does not)
+    index_dtype: torch.dtype = torch.int64
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+REWRITTEN: List[Spelling] = [
+    Spelling("seed", seed, "gather_mul_sum", weights="f32"),
+    Spelling("seed_no_to", seed_no_to, "gather_mul_sum", weights="f32"),
+    Spelling("reshape", reshape, "gather_mul_sum", index_dtype=torch.int32),
+    Spelling("unsqueeze", unsqueeze, "gather_mul_sum"),
+    Spelling("ellipsis_none", ellipsis_none, "gather_mul_sum"),
+    Spelling("commuted", commuted, "gather_mul_sum", weights="f32"),
+    Spelling("sum1", sum1, "gather_mul_sum", index_dtype=torch.int32),
+    Spelling("index_select", index_select, "gather_mul_sum", negative_ok=False),
+    Spelling("upcast", upcast, "gather_mul_sum", weights="f32"),
+    Spelling("weights_before_gather", weights_before_gather, "weighted_rows_sum", kind="sorted"),
+    Spelling("no_gather", no_gather, "weighted_rows_sum", kind="identity"),
+    Spelling("bmm", bmm, "bmm_combine"),
+    Spelling("einsum", einsum, "bmm_combine"),
+]
+BY_NAME: Dict[str, Spelling] = {s.name: s for s in REWRITTEN}
+
+
+# ---------------------------------------------------------------- inputs and the float64 reference
+
+
+def make_index(n: int, rows: int, *, negative: bool, dtype=torch.int64, gen=None) -> torch.Tensor:
+    """n row numbers in [-rows, rows) with duplicates and a -1 (or in [0, rows) if not negative)."""
+    low = -rows if negative else 0
+    idx = torch.randint(low, rows, (n,), generator=gen)
+    if n >= 3:
+        idx[1] = idx[2]  # a duplicate
+    if negative and n >= 1:
+        idx[0] = -1      # eager: the last row
+    return idx.to(dtype)
+
+
+def make_inputs(sp: Spelling, m: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = m * TOPK + 3  # expert output with a few extra (padding) rows
+    wdtype = torch.float32 if sp.weights == "f32" else dtype
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen).to(dt).to(device)
+
+    if sp.kind == "identity":
+        return (randn(m * TOPK, K), (torch.rand(m, TOPK, generator=gen) + 0.1).to(wdtype).to(device))
+    idx = make_index(m * TOPK, rows, negative=sp.negative_ok, dtype=sp.index_dtype, gen=gen).to(device)
+    if sp.kind == "sorted":
+        return (randn(rows, K), idx, (torch.rand(rows, generator=gen) + 0.1).to(wdtype).to(device))
+    return (randn(rows, K), idx, (torch.rand(m, TOPK, generator=gen) + 0.1).to(wdtype).to(device))
+
+
+def reference64(sp: Spelling, args) -> torch.Tensor:
+    """What the spelling computes, accumulated in float64 (the reference's acc_dtype) with eager's
+    indexing (negative entries wrap), from the same low-precision inputs. The reference's dtypes stop
+    at float32, so it rounds once to float32 at the end (2^-24 relative, far below every tolerance)."""
+    if sp.kind == "identity":
+        y, w = args
+        return shuffle_mul_sum_reference(y, None, w, torch.float32, acc_dtype=torch.float64).double()
+    x, idx, w = args
+    wrapped = torch.where(idx < 0, idx + x.shape[0], idx).long()
+    factors = w[wrapped].view(-1, TOPK) if sp.kind == "sorted" else w
+    return shuffle_mul_sum_reference(x, wrapped, factors, torch.float32, acc_dtype=torch.float64).double()
+
+
+_ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float64: 2.0**-52}
+_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def check_accuracy(out: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor) -> None:
+    """out matches eager's dtype and shape, is close to the float64 reference, and at least as close
+    as eager (slack: one rounding step of the result)."""
+    assert out.dtype == eager.dtype and out.shape == eager.shape, (out.dtype, eager.dtype, out.shape, eager.shape)
+    ref = ref64.cpu()
+    scale = max(1.0, float(ref.abs().max()))
+    err_out = float((out.cpu().double() - ref).abs().max())
+    err_eager = float((eager.cpu().double() - ref).abs().max())
+    tol = _TOL.get(out.dtype, 1e-5) * scale
+    assert err_out <= tol, f"compiled result off the float64 reference by {err_out} (tolerance {tol})"
+    slack = 2 * _ULP[out.dtype] * scale
+    assert err_out <= err_eager + slack, f"compiled error {err_out} > eager error {err_eager} + {slack}"
+
+
+# ---------------------------------------------------------------- generated-code checks
+
+
+def assert_fused(code: str) -> None:
+    """The generated module calls the op and computes no reduction / bmm of its own (the gather, the
+    multiply and the sum are gone; what is left is elementwise work on the index and the weights)."""
+    FileCheck().check("torch.ops.moe.shuffle_mul_sum.default(").run(code)
+    assert not _reduction_in(code), "generated code still reduces:\n" + code
+
+
+def assert_not_fused(code: str) -> None:
+    FileCheck().check_not("torch.ops.moe.shuffle_mul_sum").run(code)
+
+
+def _reduction_in(code: str) -> bool:
+    return bool(
+        re.search(r"\btmp_acc\d", code)             # C++ (CPU) reduction accumulators
+        or re.search(r"\btl\.sum\(|triton_helpers\.\w*reduc", code)  # Triton reductions
+        or "extern_kernels.bmm" in code or "extern_kernels.mm" in code or "aten.bmm" in code
+    )
+
+
+def symbolic_m_logged(messages: List[str]) -> bool:
+    """Whether a rewrite was logged with a symbolic token count (m=s0, m=(s1//2), ...)."""
+    for msg in messages:
+        mo = re.search(r"\bm=(\S+)", msg)
+        if mo and not mo.group(1).isdigit():
+            return True
+    return False
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def fusion_log(level: int = logging.INFO):
+    """Collect the messages of logger ``fused_moe_ops`` (independent of pytest's log capture)."""
+    logger = logging.getLogger("fused_moe_ops")
+    handler, saved = _ListHandler(level), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)

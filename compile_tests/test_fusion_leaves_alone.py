@@ -1,0 +1,123 @@
+"""Issue 3, item 4: look-alikes the pass must leave alone (no rewrite, same results as eager), in
+float32, float16 and bfloat16, with static shapes and dynamic=True."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, NamedTuple
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import fused_moe_ops
+from fusion_cases import DTYPES, K, TOPK, assert_not_fused, fusion_log, make_index
+
+M = 5
+
+
+def sum_other_dim(x, idx, w):
+    m, k = w.shape[0], x.shape[1]
+    return (x[idx].view(m, TOPK, k) * w.unsqueeze(-1)).sum(dim=2)
+
+
+def weights_per_token(x, idx, w):  # one weight per token, broadcast over the slots
+    m, k = w.shape[0], x.shape[1]
+    return (x[idx].view(m, TOPK, k) * w[:, :1].view(m, 1, 1)).sum(dim=1)
+
+
+def weights_per_slot(x, idx, w):  # one weight per slot, broadcast over the tokens
+    m, k = w.shape[0], x.shape[1]
+    return (x[idx].view(m, TOPK, k) * w[:1].view(1, TOPK, 1)).sum(dim=1)
+
+
+def weights_per_element(x, idx, w3):  # (m, topk, k) weights: not one scalar per (token, slot)
+    m, k = w3.shape[0], x.shape[1]
+    return (x[idx].view(m, TOPK, k) * w3).sum(dim=1)
+
+
+def index_2d(x, idx, w):
+    m = w.shape[0]
+    return (x[idx.view(m, TOPK)] * w.unsqueeze(-1)).sum(dim=1)
+
+
+def integer_input(x_int, idx, w):
+    m, k = w.shape[0], x_int.shape[1]
+    return (x_int[idx].view(m, TOPK, k) * w.unsqueeze(-1)).sum(dim=1)
+
+
+def gathered_reused(x, idx, w):
+    m, k = w.shape[0], x.shape[1]
+    g = x[idx]
+    return (g.view(m, TOPK, k) * w.unsqueeze(-1)).sum(dim=1), g * 2
+
+
+def product_reused(x, idx, w):
+    m, k = w.shape[0], x.shape[1]
+    p = x[idx].view(m, TOPK, k) * w.unsqueeze(-1)
+    return p.sum(dim=1), p.amax(dim=1)
+
+
+def length_mismatch(x_half, idx, w):  # index of 2*m*topk half rows viewed as m*topk full rows
+    m, k = w.shape[0], 2 * x_half.shape[1]
+    return (x_half[idx].view(m, TOPK, k) * w.unsqueeze(-1)).sum(dim=1)
+
+
+class Case(NamedTuple):
+    fn: Callable
+    x_cols: int = K
+    index_len: int = TOPK        # per token
+    weights: str = "mt"          # mt: (m, topk) | mtk: (m, topk, k)
+    int_input: bool = False
+    seen: bool = True            # the pattern matches and the analysis says no (logged at DEBUG)
+
+
+CASES = {
+    "sum_other_dim": Case(sum_other_dim),
+    "weights_per_token": Case(weights_per_token),
+    "weights_per_slot": Case(weights_per_slot),
+    "weights_per_element": Case(weights_per_element, weights="mtk"),
+    "index_2d": Case(index_2d),
+    "integer_input": Case(integer_input, int_input=True),
+    "gathered_reused": Case(gathered_reused),
+    "product_reused": Case(product_reused, seen=False),  # the matcher itself refuses a 2-user product
+    "length_mismatch": Case(length_mismatch, x_cols=K // 2, index_len=2 * TOPK),
+}
+
+
+def _inputs(case: Case, dtype, m=M):
+    gen = torch.Generator().manual_seed(0)
+    rows = m * TOPK + 3
+    if case.int_input:
+        x = torch.randint(-8, 8, (rows, case.x_cols), generator=gen, dtype=torch.int32)
+    else:
+        x = torch.randn(rows, case.x_cols, generator=gen).to(dtype)
+    idx = make_index(m * case.index_len, rows, negative=True, gen=gen)
+    shape = (m, TOPK) if case.weights == "mt" else (m, TOPK, K)
+    w = (torch.rand(*shape, generator=gen) + 0.1).to(dtype)
+    return x, idx, w
+
+
+def _close(out, expected, dtype):
+    outs = out if isinstance(out, tuple) else (out,)
+    exps = expected if isinstance(expected, tuple) else (expected,)
+    for o, e in zip(outs, exps):
+        assert o.dtype == e.dtype and o.shape == e.shape
+        scale = max(1.0, float(e.abs().max()))
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * scale
+        torch.testing.assert_close(o, e, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_left_alone(name, dtype, dynamic):
+    case = CASES[name]
+    args = _inputs(case, dtype)
+    with fusion_log(logging.DEBUG) as messages:
+        out, codes = run_and_get_code(torch.compile(case.fn, dynamic=dynamic), *args)
+    if case.seen:  # the checks were exercised, not just a pattern that never matched
+        assert any("left alone" in msg for msg in messages), messages
+    stats = fused_moe_ops.fusion_stats()
+    assert stats["rewrites"] == 0, stats
+    assert_not_fused("\n".join(codes))
+    _close(out, case.fn(*args), dtype)

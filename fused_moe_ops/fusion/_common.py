@@ -1,0 +1,114 @@
+"""The pattern registry all fusions register into, and the one place that performs a rewrite."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+from torch._inductor.pattern_matcher import CallFunction, Ignored, Match, PatternMatcherPass
+from torch.fx import Node
+
+from . import _state
+from ._match import CONVERT, NoMatch, aten, log, shape_str, static_int, erase_dead, tensor_val
+
+PASS_NAME = "fused_moe_ops_shuffle_mul_sum"
+
+# Filled lazily by fusion/_pass.py (importing the fusion modules registers their patterns).
+PATTERNS = PatternMatcherPass(pass_name=PASS_NAME)
+
+SHUFFLE_MUL_SUM = torch.ops.moe.shuffle_mul_sum.default
+
+SUM_OPS = aten.sum.dim_IntList
+RESHAPES = [aten.view.default, aten.reshape.default, aten._unsafe_view.default]
+
+
+@dataclass
+class Plan:
+    """What an analysis found: the op's arguments (as graph nodes) and what the rewrite removes."""
+
+    rows: Node                   # the op's input (R, k)
+    index: Optional[Node]        # the permutation (N,), None for the identity
+    weights: Node                # the node the factors are derived from
+    m: Any
+    topk: Any
+    k: Any
+    out_dtype: torch.dtype
+    walked: List[Node] = field(default_factory=list)  # nodes outside the pattern the rewrite may leave dead
+    extra: Any = None            # fusion-specific detail
+    wraps: bool = True           # negative index entries count from the end (x[idx]), not an error
+
+    @property
+    def device_type(self) -> str:
+        return tensor_val(self.rows).device.type
+
+    @property
+    def rows_dtype(self) -> torch.dtype:
+        return tensor_val(self.rows).dtype
+
+
+def sum_dim1(inner) -> List[Any]:
+    """``inner.sum(dims)`` with and without an explicit keepdim argument, and each of those followed by
+    ``.to(dtype)`` (the upcast spelling: the convert is folded into out_dtype). Converts first: the
+    matcher visits nodes from the output up, and the outer form must win."""
+    sums = [CallFunction(SUM_OPS, inner, Ignored()), CallFunction(SUM_OPS, inner, Ignored(), Ignored())]
+    return [CallFunction(CONVERT, s, Ignored()) for s in sums] + sums
+
+
+def register(patterns: Sequence[Any], analyze: Callable[[Match], Any], rewrite: Callable[[Match, Any], None]):
+    """Register ``patterns`` with one extra_check (``analyze`` did not raise NoMatch and the size is
+    worth it) and one handler (``rewrite``, given the analysis)."""
+    from torch._inductor.pattern_matcher import register_graph_pattern
+
+    def extra_check(match: Match) -> bool:
+        try:
+            plan = analyze(match)
+        except NoMatch as e:
+            log.debug("fused_moe_ops: %s left alone: %s", match.output_node(), e)
+            return False
+        hook = getattr(sys.modules[__package__], "should_rewrite")  # replaceable at runtime
+        if not hook(plan.device_type, static_int(plan.m), static_int(plan.topk),
+                                     static_int(plan.k), plan.rows_dtype):
+            log.debug("fused_moe_ops: %s left alone: should_rewrite said no", match.output_node())
+            return False
+        return True
+
+    def handler(match: Match, *args: Any, **kwargs: Any) -> None:
+        rewrite(match, analyze(match))
+
+    for pattern in patterns:
+        register_graph_pattern(pattern, extra_check=extra_check, pass_dict=PATTERNS)(handler)
+
+
+def replace(
+    match: Match,
+    name: str,
+    replacement: Callable[..., torch.Tensor],
+    args: Sequence[Node],
+    walked: Sequence[Node],
+    *,
+    rows: Node,
+    index: Optional[Node],
+    m: Any,
+    topk: Any,
+    k: Any,
+    out_dtype: torch.dtype,
+) -> None:
+    """Swap the matched subgraph for ``replacement(*args)`` traced to ATen, erase what became dead,
+    count it and log it."""
+    anchor = match.output_node()
+    graph = anchor.graph
+    match.replace_by_example(replacement, list(args))
+    erase_dead(graph, walked)
+    _state.count(name)
+    log.info(
+        "fused_moe_ops: rewrote %s (%s) into moe.shuffle_mul_sum: input %s, permutation %s, "
+        "m=%s topk=%s k=%s, out %s",
+        name, anchor.name, shape_str(rows), shape_str(index) if index is not None else "None (identity)",
+        m, topk, k, str(out_dtype).replace("torch.", ""),
+    )
+
+
+def factors_2d(w: torch.Tensor, topk_dim: int) -> torch.Tensor:
+    """(m, topk, 1) -> (m, topk) or (m, 1, topk) -> (m, topk), as a view."""
+    return w.reshape(w.shape[0], w.shape[topk_dim])

@@ -1,0 +1,238 @@
+"""Graph-reading helpers shared by the fusions (post-grad ATen FX graphs).
+
+Everything here only *reads* the graph. Shapes come from ``node.meta["val"]`` (FakeTensors, possibly
+with symbolic sizes) and are compared with ``statically_known_true`` so a check never adds a guard:
+a comparison that cannot be decided for every value of the symbols counts as "no" and the
+pattern is left alone.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..ops import FLOAT_DTYPES, INDEX_DTYPES
+
+log = logging.getLogger("fused_moe_ops")
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Ops that keep the row-major (logical) order of the elements: x.op(...).reshape(s) == x.reshape(s).
+ORDER_PRESERVING = (
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.default,
+)
+if hasattr(aten.squeeze, "dims"):
+    ORDER_PRESERVING = ORDER_PRESERVING + (aten.squeeze.dims,)
+
+CONVERT = prims.convert_element_type.default
+GATHERS = (aten.index.Tensor, aten.index_select.default)
+
+
+class NoMatch(Exception):
+    """Raised by the analysis helpers: the subgraph is not (safely) the combine step."""
+
+
+def require(cond: Any, why: str) -> None:
+    if not cond:
+        raise NoMatch(why)
+
+
+def val(node: Any) -> Any:
+    if isinstance(node, Node):
+        return node.meta.get("val")
+    return None
+
+
+def tensor_val(node: Any) -> torch.Tensor:
+    v = val(node)
+    require(isinstance(v, torch.Tensor), f"no tensor metadata on {node}")
+    return v
+
+
+def same(a: Any, b: Any) -> bool:
+    """a == b for every value of the shape symbols (never guards)."""
+    return bool(statically_known_true(a == b))
+
+
+def same_shape(shape: Sequence[Any], expected: Sequence[Any]) -> bool:
+    return len(shape) == len(expected) and all(same(a, b) for a, b in zip(shape, expected))
+
+
+_METADATA_OPS = tuple(
+    op for op in (
+        getattr(aten.sym_size, "int", None),
+        getattr(aten.sym_stride, "int", None),
+        getattr(aten.sym_numel, "default", None),
+        getattr(aten.sym_storage_offset, "default", None),
+    ) if op is not None
+)
+
+
+def _reads_metadata_only(user: Node) -> bool:
+    return user.op == "call_function" and user.target in _METADATA_OPS
+
+
+def single_user(node: Node) -> bool:
+    """Exactly one user reads the data (dynamic-shape graphs keep sym_size queries of intermediates)."""
+    return sum(1 for u in node.users if not _reads_metadata_only(u)) == 1
+
+
+def static_int(x: Any) -> Optional[int]:
+    """x as a Python int when it is one for every value of the symbols, else None."""
+    if isinstance(x, int):
+        return x
+    try:
+        expr = x.node.expr
+    except AttributeError:
+        return None
+    return int(expr) if getattr(expr, "is_number", False) else None
+
+
+def is_identity_permute(node: Node) -> bool:
+    return node.target is aten.permute.default and list(node.args[1]) == list(range(len(node.args[1])))
+
+
+def lossless_to_fp32(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Converting src -> dst is exact and the op's float32 accumulation makes it redundant."""
+    return src in FLOAT_DTYPES and (dst == src or dst == torch.float32)
+
+
+def peel_rows(node: Node) -> Tuple[Node, List[Node]]:
+    """Walk up from a rows-like tensor through order-preserving views, identity permutes and lossless
+    upcasts to float32. Returns (base, chain) where chain is the list of nodes walked over (nearest first).
+    """
+    chain: List[Node] = []
+    while isinstance(node, Node) and node.op == "call_function":
+        if node.target in ORDER_PRESERVING or is_identity_permute(node):
+            pass
+        elif node.target is CONVERT:
+            src = val(node.args[0])
+            if not isinstance(src, torch.Tensor) or not lossless_to_fp32(src.dtype, node.args[1]):
+                break
+        else:
+            break
+        chain.append(node)
+        node = node.args[0]
+    return node, chain
+
+
+def peel_upcast(node: Node) -> Tuple[Node, List[Node]]:
+    """Only the lossless upcasts (x.float() on a float tensor)."""
+    chain: List[Node] = []
+    while isinstance(node, Node) and node.op == "call_function" and node.target is CONVERT:
+        src = val(node.args[0])
+        if not isinstance(src, torch.Tensor) or not lossless_to_fp32(src.dtype, node.args[1]):
+            break
+        chain.append(node)
+        node = node.args[0]
+    return node, chain
+
+
+def as_gather(node: Node) -> Optional[Tuple[Node, Node, bool]]:
+    """(source, index, wraps) if node is ``source[index]`` (wraps=True: negative entries count from the
+    end) or ``source.index_select(0, index)`` (wraps=False: negative entries are an error), else None."""
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target in GATHERS):
+        return None
+    if node.target is aten.index.Tensor:
+        src, indices = node.args[0], node.args[1]
+        if len(indices) != 1 or indices[0] is None:
+            return None
+        return src, indices[0], True
+    src, dim, index = node.args[0], node.args[1], node.args[2]
+    src_val = val(src)
+    if not isinstance(src_val, torch.Tensor) or dim not in (0, -src_val.dim()):
+        return None
+    return src, index, False
+
+
+def check_index(index: Node, length: Any, k: Any) -> None:
+    """A 1-D int32/int64 index of m * topk entries.
+
+    Called once the gathered rows are known to have length k and to reach (m, topk, k) through
+    numel-preserving views, which already implies length == m * topk when k != 0; that is what is
+    checked when the symbolic sizes cannot prove the equality directly (e.g. view(-1, topk, k)).
+    """
+    iv = tensor_val(index)
+    require(iv.dtype in INDEX_DTYPES, f"index dtype {iv.dtype} (needs int32/int64)")
+    require(iv.dim() == 1, f"{iv.dim()}-D index")
+    require(same(iv.shape[0], length) or bool(statically_known_true(k != 0)), "index length != m * topk")
+
+
+def check_float_rows(rows: Node, nrows: Optional[Any], k: Any) -> torch.Tensor:
+    v = tensor_val(rows)
+    require(v.dtype in FLOAT_DTYPES, f"input dtype {v.dtype}")
+    require(v.dim() == 2, f"{v.dim()}-D input")
+    require(same(v.shape[1], k), "input row length != k")
+    if nrows is not None:
+        require(same(v.shape[0], nrows), "input rows != m * topk")
+    return v
+
+
+def check_reduce_dim1(node: Node) -> None:
+    """node is aten.sum.dim_IntList over dim 1 of a 3-D tensor, keepdim=False."""
+    src = tensor_val(node.args[0])
+    require(src.dim() == 3, "sum of a non-3-D tensor")
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    require(dims is not None and len(dims) == 1 and dims[0] in (1, -2), f"sum over dims {dims}")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    require(not keepdim, "keepdim=True")
+
+
+def out_dtype_of(node: Node) -> torch.dtype:
+    dt = tensor_val(node).dtype
+    require(dt in FLOAT_DTYPES, f"result dtype {dt}")
+    return dt
+
+
+def absorbable_downcast(convert: Node) -> bool:
+    """``acc.to(dtype)`` after a float32 reduction: fold it into the op's out_dtype."""
+    src = val(convert.args[0])
+    return (
+        isinstance(src, torch.Tensor)
+        and src.dtype == torch.float32
+        and convert.args[1] in FLOAT_DTYPES
+    )
+
+
+def device_type(node: Node) -> str:
+    return tensor_val(node).device.type
+
+
+def wrap_index(index: torch.Tensor, rows: Any, wraps: bool = True) -> torch.Tensor:
+    """Eager indexing semantics on top of the op's (which skips negative entries).
+
+    ``x[index]`` (wraps=True): -rows <= i < 0 reads row i + rows, as eager does; i < -rows is an
+    IndexError in eager and is mapped to ``rows`` so that the op raises too instead of skipping it.
+    ``x.index_select(0, index)`` (wraps=False): every negative entry is an error, mapped to ``rows``.
+    """
+    if not wraps:
+        return torch.where(index < 0, rows, index)
+    return torch.where(index < 0, torch.where(index < -rows, rows, index + rows), index)
+
+
+def erase_dead(graph: torch.fx.Graph, nodes: Sequence[Node]) -> None:
+    """Erase the walked-over nodes the rewrite left without users (nearest-to-output first)."""
+    for n in nodes:
+        if n._erased or n.op != "call_function":
+            continue
+        for u in list(n.users):
+            if _reads_metadata_only(u) and len(u.users) == 0:
+                graph.erase_node(u)
+        if len(n.users) == 0:
+            graph.erase_node(n)
+
+
+def shape_str(node: Any) -> str:
+    v = val(node)
+    if isinstance(v, torch.Tensor):
+        return f"{tuple(v.shape)}:{str(v.dtype).replace('torch.', '')}"
+    return "None"

@@ -1,0 +1,125 @@
+"""Fusion 3: weights applied per row *before* the gather (or with no gather at all), then the sum.
+
+Eager spellings (``w_sorted`` is per row of ``y``, i.e. already in permuted order)::
+
+    (y * w_sorted.unsqueeze(-1))[idx].view(m, topk, k).sum(dim=1)
+    (y * w.reshape(-1).unsqueeze(-1)).view(m, topk, k).sum(dim=1)     # no gather: R == m * topk
+
+Post-grad ATen::
+
+    sum.dim_IntList(reshape(ROWS, [m, topk, k]), [1])   [-> convert_element_type(out_dtype)]
+    ROWS    = views / fp32 upcasts of  index.Tensor(P, [idx]) | index_select(P, 0, idx) | P
+    P       = mul.Tensor(Y, W) in either order, Y (R, k) float rows, W (R, 1) float weights
+
+Replacement (the weights follow the rows through the same, wrapped, permutation)::
+
+    idx' = where(idx < 0, idx + R, idx)
+    moe.shuffle_mul_sum(Y, idx', W.reshape(R)[idx'].reshape(m, topk), out_dtype)
+    moe.shuffle_mul_sum(Y, None, W.reshape(m, topk), out_dtype)                   # no gather
+
+``topk`` must be a static size here (the graph has no (m, topk) tensor to read it from).
+"""
+from __future__ import annotations
+
+from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg, Match
+
+from ._common import RESHAPES, SHUFFLE_MUL_SUM, Plan, register, replace, sum_dim1
+from ._match import (
+    CONVERT,
+    FLOAT_DTYPES,
+    NoMatch,
+    absorbable_downcast,
+    aten,
+    as_gather,
+    check_float_rows,
+    check_index,
+    check_reduce_dim1,
+    out_dtype_of,
+    peel_rows,
+    peel_upcast,
+    require,
+    same,
+    same_shape,
+    single_user,
+    static_int,
+    tensor_val,
+    wrap_index,
+)
+
+NAME = "weighted_rows_sum"
+
+PATTERNS = sum_dim1(CallFunction(RESHAPES, KeywordArg("rows"), Ignored()))
+
+
+def analyze(match: Match) -> Plan:
+    anchor = match.output_node()
+    if anchor.target is CONVERT:
+        require(absorbable_downcast(anchor), "outer convert is not a float32 -> float downcast")
+        total, out_dtype = anchor.args[0], anchor.args[1]
+    else:
+        total, out_dtype = anchor, out_dtype_of(anchor)
+    check_reduce_dim1(total)
+    view = total.args[0]
+    m, topk, k = tensor_val(view).shape
+    if static_int(topk) is None:
+        # view(-1, topk, k) under dynamic shapes: the meta holds N // (N // topk); the argument is exact
+        shape_arg = view.args[1]
+        require(isinstance(shape_arg, (list, tuple)) and len(shape_arg) == 3 and isinstance(shape_arg[1], int)
+                and shape_arg[1] > 0, f"symbolic topk {topk}")
+        topk = shape_arg[1]
+    base, walked = peel_rows(total.args[0].args[0])
+    require(all(single_user(n) for n in walked), "an intermediate has another user")
+    gather = as_gather(base)
+    index, wraps = None, True
+    if gather is not None:
+        require(single_user(base), "the gathered rows have another user")
+        walked.append(base)
+        product, index, wraps = gather
+        check_index(index, m * topk, k)
+    else:
+        product = base
+    require(product.op == "call_function" and product.target is aten.mul.Tensor, "no weighting multiply")
+    require(single_user(product), "the product has another user")
+    walked.append(product)
+    pv = tensor_val(product)
+    require(pv.dtype in FLOAT_DTYPES and pv.dim() == 2, "product is not 2-D float")
+    rows_count = pv.shape[0]
+    if index is None:
+        require(same(rows_count, m * topk), "rows != m * topk")
+    why = "no operand pair is (R, k) rows times (R, 1) weights"
+    for y, w in ((product.args[0], product.args[1]), (product.args[1], product.args[0])):
+        try:
+            yv, wv = tensor_val(y), tensor_val(w)
+            require(same_shape(yv.shape, (rows_count, k)), "rows broadcast")
+            require(same_shape(wv.shape, (rows_count, 1)), f"weights of shape {tuple(wv.shape)} broadcast")
+            require(wv.dtype in FLOAT_DTYPES, f"weights dtype {wv.dtype}")
+            x, upcasts = peel_upcast(y)
+            check_float_rows(x, rows_count, k)
+        except NoMatch as e:
+            why = str(e)
+            continue
+        return Plan(rows=x, index=index, weights=w, m=m, topk=topk, k=k, out_dtype=out_dtype,
+                    walked=walked + [n for n in upcasts if single_user(n)], wraps=wraps)
+    raise NoMatch(why)
+
+
+def rewrite(match: Match, plan: Plan) -> None:
+    out_dtype, topk, wraps = plan.out_dtype, static_int(plan.topk), plan.wraps
+
+    if plan.index is None:
+        def replacement(y, w):
+            return SHUFFLE_MUL_SUM(y, None, w.reshape(y.shape[0] // topk, topk), out_dtype)
+
+        args = [plan.rows, plan.weights]
+    else:
+        def replacement(y, idx, w):
+            wrapped = wrap_index(idx, y.shape[0], wraps)
+            factors = w.reshape(w.shape[0])[wrapped].reshape(idx.shape[0] // topk, topk)
+            return SHUFFLE_MUL_SUM(y, wrapped, factors, out_dtype)
+
+        args = [plan.rows, plan.index, plan.weights]
+    replace(match, NAME, replacement, args, plan.walked, rows=plan.rows, index=plan.index,
+            m=plan.m, topk=plan.topk, k=plan.k, out_dtype=out_dtype)
+
+
+register(PATTERNS, analyze, rewrite)
