@@ -187,6 +187,9 @@ def _load(kind: str, sources: List[Path], cflags: List[str], cuda_cflags: List[s
     result.build_dir = str(build_dir)
     result.flags = cflags + cuda_cflags
     so = build_dir / f"{name}.so"
+    missing = [str(src) for src in sources if not src.is_file()]
+    if missing:
+        raise FileNotFoundError(f"fused_moe_ops: source file(s) missing: {', '.join(missing)}")
     if not so.exists():
         result.built_now = True
         print(f"fused_moe_ops: compiling the {kind.upper()} kernel once (about a minute); cached in {build_dir}",
@@ -205,6 +208,18 @@ def _load(kind: str, sources: List[Path], cflags: List[str], cuda_cflags: List[s
     result.ok = True
 
 
+def _describe(e: BaseException) -> str:
+    """The exception with whatever compiler output it carries (a CalledProcessError keeps it aside)."""
+    text = f"{type(e).__name__}: {e}"
+    for attr in ("stderr", "output"):
+        extra = getattr(e, attr, None)
+        if isinstance(extra, bytes):
+            extra = extra.decode(errors="replace")
+        if extra and extra not in text:
+            text += "\n" + extra
+    return text
+
+
 def _verbose(verbose: bool) -> bool:
     return verbose or os.environ.get("FUSED_MOE_OPS_VERBOSE") == "1"
 
@@ -219,7 +234,7 @@ def build_cpu(verbose: bool = False) -> BuildResult:
               _verbose(verbose))
         torch.ops.moe.shuffle_mul_sum.default  # noqa: B018  (fails loudly if registration went wrong)
     except Exception as e:  # noqa: BLE001 - any failure means "use the fallback", with the reason kept
-        result.error = f"{type(e).__name__}: {e}"
+        result.error = _describe(e)
     return result
 
 
@@ -250,7 +265,7 @@ def build_cuda(verbose: bool = False) -> BuildResult:
             _load("cuda", [csrc_dir() / "shuffle_mul_sum_cuda.cu"], ["-O3"],
                   cuda_flags(), cuda_include_paths(), result, _verbose(verbose))
     except Exception as e:  # noqa: BLE001
-        result.error = f"{type(e).__name__}: {e}"
+        result.error = _describe(e)
     return result
 
 

@@ -17,7 +17,24 @@ PASS_NAME = "fused_moe_ops_shuffle_mul_sum"
 # Filled lazily by fusion/_pass.py (importing the fusion modules registers their patterns).
 PATTERNS = PatternMatcherPass(pass_name=PASS_NAME)
 
-SHUFFLE_MUL_SUM = torch.ops.moe.shuffle_mul_sum.default
+_OP = torch.ops.moe.shuffle_mul_sum.default
+
+# AOTInductor before torch 2.12 reads a custom op's ScalarType argument wrongly (float32 arrives as
+# float64, pytorch/pytorch#169157, fixed by #173562): the loaded package's call fails. So the
+# replacement passes out_dtype=None whenever it means "input's dtype", and an AOT compile on such a
+# torch leaves a mixed-dtype combine (e.g. bf16 rows -> float32 result) to Inductor (see register()).
+AOTI_MISREADS_DTYPE_ARGS = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
+
+
+def SHUFFLE_MUL_SUM(x: torch.Tensor, permutation, factors: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The op call every replacement emits."""
+    return _OP(x, permutation, factors, None if out_dtype == x.dtype else out_dtype)
+
+
+def _aot_compiling() -> bool:
+    from torch._inductor.virtualized import V
+
+    return bool(V.aot_compilation)
 
 SUM_OPS = aten.sum.dim_IntList
 RESHAPES = [aten.view.default, aten.reshape.default, aten._unsafe_view.default]
@@ -65,6 +82,10 @@ def register(patterns: Sequence[Any], analyze: Callable[[Match], Any], rewrite: 
             plan = analyze(match)
         except NoMatch as e:
             log.debug("fused_moe_ops: %s left alone: %s", match.output_node(), e)
+            return False
+        if AOTI_MISREADS_DTYPE_ARGS and plan.out_dtype != plan.rows_dtype and _aot_compiling():
+            log.debug("fused_moe_ops: %s left alone: AOTInductor on torch %s cannot pass out_dtype=%s "
+                      "to a custom op", match.output_node(), torch.__version__, plan.out_dtype)
             return False
         hook = getattr(sys.modules[__package__], "should_rewrite")  # replaceable at runtime
         if not hook(plan.device_type, static_int(plan.m), static_int(plan.topk),

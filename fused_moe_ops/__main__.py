@@ -1,0 +1,275 @@
+"""``python -m fused_moe_ops``: environment report.
+
+Prints the versions that matter (Python, torch, Triton, CUDA toolkit and device), which kernel
+serves ``moe::shuffle_mul_sum`` on CPU and on CUDA and why (build result, fallback reason),
+where the build cache is, whether the Inductor fusion pass is installed and enabled, and, for a
+build that failed, the compiler's full message.
+
+    python -m fused_moe_ops            # human-readable report
+    python -m fused_moe_ops --json     # the same facts as JSON (used by tests/test_env_report.py)
+
+Importing the package is what builds (or finds in the cache) the kernels, so the report shows
+exactly what an ``import fused_moe_ops`` in this environment gets. The exit status is 0 even when
+a build failed (the op still works on a fallback); ``--strict`` makes a failed build exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ENV_VARS = (
+    "FUSED_MOE_OPS_CACHE",
+    "FUSED_MOE_OPS_NO_BUILD",
+    "FUSED_MOE_OPS_NO_CUDA",
+    "FUSED_MOE_OPS_CUDA_BACKEND",
+    "FUSED_MOE_OPS_DISABLE_FUSION",
+    "CUDA_HOME",
+    "TORCH_CUDA_ARCH_LIST",
+    "CXX",
+)
+
+
+def _nvcc_version(cuda_home: Optional[str]) -> Optional[str]:
+    if not cuda_home:
+        return None
+    nvcc = Path(cuda_home, "bin", "nvcc")
+    try:
+        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():  # "Cuda compilation tools, release 12.8, V12.8.93"
+        if "release" in line:
+            return line.split("release", 1)[1].strip()
+    return out.strip().splitlines()[-1] if out.strip() else None
+
+
+def _fusion_info() -> Dict[str, Any]:
+    info: Dict[str, Any] = {"available": False, "installed": False, "enabled": None, "stats": None, "error": None,
+                            "slot": None}
+    try:
+        from . import fusion
+    except Exception as e:  # noqa: BLE001 - report, never crash
+        info["error"] = f"{type(e).__name__}: {e}"
+        return info
+    needed = ("fusion_enabled", "fusion_stats")
+    missing = [n for n in needed if not hasattr(fusion, n)]
+    if missing:
+        info["error"] = f"fused_moe_ops.fusion lacks {', '.join(missing)} (not installed yet)"
+        return info
+    info["available"] = True
+    # Installed = Inductor will run it: the pass sits in torch._inductor.config.post_grad_custom_post_pass.
+    try:
+        import torch._inductor.config as inductor_config
+        from .fusion import _pass
+
+        info["installed"] = bool(_pass.contains_fusion(inductor_config.post_grad_custom_post_pass))
+        info["slot"] = repr(inductor_config.post_grad_custom_post_pass)
+    except Exception as e:  # noqa: BLE001 - an older/newer fusion package layout: trust the API
+        info["installed"] = True
+        info["error"] = f"could not inspect the Inductor slot ({type(e).__name__}: {e})"
+    try:
+        info["enabled"] = bool(fusion.fusion_enabled())
+        info["stats"] = fusion.fusion_stats()
+    except Exception as e:  # noqa: BLE001
+        info["error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+def _dispatcher_registrations() -> Dict[str, str]:
+    """Where the dispatcher's CPU / CUDA kernels for the op were registered (file:line), as the
+    dispatcher itself says: a csrc/ file for the native kernels, a Python file for the fallbacks."""
+    import torch
+
+    found: Dict[str, str] = {}
+    try:
+        dump = torch._C._dispatch_dump("moe::shuffle_mul_sum")
+    except Exception:  # noqa: BLE001 - private API: best effort
+        return found
+    for line in dump.splitlines():
+        key, sep, rest = line.partition(": registered at ")
+        if sep and key in ("CPU", "CUDA"):
+            found[key.lower()] = rest.split(" :: ")[0].strip()
+    return found
+
+
+def collect() -> Dict[str, Any]:
+    """Everything the report prints, as plain data."""
+    import torch
+
+    import fused_moe_ops
+    from fused_moe_ops import _build, _registry
+
+    try:
+        import triton
+
+        triton_version: Optional[str] = triton.__version__
+    except Exception as e:  # noqa: BLE001
+        triton_version = None
+        triton_error = f"{type(e).__name__}: {e}"
+    else:
+        triton_error = None
+
+    cuda_home = _build.find_cuda_home() if torch.version.cuda else None
+    device: Dict[str, Any] = {"available": False}
+    try:
+        if torch.cuda.is_available():
+            idx = torch.cuda.current_device()
+            cap = torch.cuda.get_device_capability(idx)
+            device = {
+                "available": True,
+                "count": torch.cuda.device_count(),
+                "name": torch.cuda.get_device_name(idx),
+                "capability": f"sm_{cap[0]}{cap[1]}",
+            }
+    except Exception as e:  # noqa: BLE001
+        device = {"available": False, "error": f"{type(e).__name__}: {e}"}
+
+    builds: Dict[str, Any] = {}
+    for kind in ("cpu", "cuda"):
+        r = _build.RESULTS.get(kind)
+        if r is None:
+            builds[kind] = {"state": "not attempted"}
+            continue
+        state = "ok" if r.ok else ("skipped" if r.skipped else "failed")
+        builds[kind] = {
+            "state": state,
+            "skipped": r.skipped,
+            "error": r.error,
+            "library": r.library,
+            "build_dir": r.build_dir,
+            "built_now": r.built_now,
+            "flags": list(r.flags),
+        }
+
+    return {
+        "package": {"version": fused_moe_ops.__version__, "path": str(Path(fused_moe_ops.__file__).parent)},
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "triton_error": triton_error,
+        "cuda_toolkit": {"home": cuda_home, "nvcc": _nvcc_version(cuda_home)},
+        "cuda_device": device,
+        "cpu_isa": _build.cpu_isa(),
+        "cache": {"root": str(_build.cache_root()), "from_env": "FUSED_MOE_OPS_CACHE" in os.environ},
+        "active": dict(_registry.ACTIVE),
+        "fallback_reasons": dict(_registry.FALLBACK_REASONS),
+        "dispatcher": _dispatcher_registrations(),
+        "builds": builds,
+        "fusion": _fusion_info(),
+        "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+    }
+
+
+def _headline(error: Optional[str]) -> str:
+    """The line of a build error worth reading first: the compiler's first "error" line if any."""
+    lines = [line.strip() for line in (error or "").strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    for line in lines[1:]:
+        if "error" in line.lower() and not line.startswith("ninja:"):
+            return line
+    return lines[0]
+
+
+def _build_line(b: Dict[str, Any]) -> str:
+    if b["state"] == "ok":
+        return f"ok ({'compiled now' if b['built_now'] else 'from cache'})  {b['library']}"
+    if b["state"] == "skipped":
+        return f"skipped: {b['skipped']}"
+    if b["state"] == "failed":
+        return f"FAILED: {_headline(b['error'])[:200]}  (full message below)"
+    return b["state"]
+
+
+def render(info: Dict[str, Any]) -> str:
+    lines: List[str] = []
+    add = lines.append
+    add(f"fused_moe_ops {info['package']['version']}  ({info['package']['path']})")
+    add("")
+    add("Versions")
+    add(f"  python        {info['python']}  ({info['platform']})")
+    add(f"  torch         {info['torch']}  ({'CUDA ' + info['torch_cuda'] if info['torch_cuda'] else 'CPU-only build'})")
+    add(f"  triton        {info['triton'] or 'not available (' + str(info['triton_error']) + ')'}")
+    tk = info["cuda_toolkit"]
+    if tk["home"]:
+        add(f"  CUDA toolkit  {tk['home']}  (nvcc {tk['nvcc'] or '?'})")
+    else:
+        add("  CUDA toolkit  not found" + ("" if info["torch_cuda"] else " (not needed: torch is CPU-only)"))
+    dev = info["cuda_device"]
+    if dev.get("available"):
+        add(f"  CUDA device   {dev['name']} ({dev['capability']}), {dev['count']} visible")
+    else:
+        add("  CUDA device   none" + (f" ({dev['error']})" if dev.get("error") else ""))
+    add(f"  CPU ISA       {info['cpu_isa']}")
+    add("")
+    cache = info["cache"]
+    add(f"Build cache     {cache['root']}" + ("  (FUSED_MOE_OPS_CACHE)" if cache["from_env"] else "  (default; set FUSED_MOE_OPS_CACHE to move it)"))
+    add("")
+    add("Kernels for moe::shuffle_mul_sum")
+    add(f"  {'device':7s} {'active':10s} build")
+    for kind in ("cpu", "cuda"):
+        active = info["active"].get(kind, "-")
+        add(f"  {kind:7s} {active:10s} {_build_line(info['builds'][kind])}")
+    for kind, where in info["dispatcher"].items():
+        add(f"  {kind} kernel registered at {where}")
+    for kind, why in info["fallback_reasons"].items():
+        add(f"  {kind} fallback because: {why}")
+    add("")
+    fu = info["fusion"]
+    if fu["installed"]:
+        stats = fu["stats"] or {}
+        state = "enabled" if fu["enabled"] else "DISABLED (fused_moe_ops.disable_fusion() / enable_fusion())"
+        add(f"Fusion pass     installed in torch._inductor.config.post_grad_custom_post_pass, {state}")
+        add(f"                rewrites in this process so far: {stats.get('rewrites', '?')}")
+    elif fu["available"]:
+        why = ("FUSED_MOE_OPS_DISABLE_FUSION is set" if info["env"].get("FUSED_MOE_OPS_DISABLE_FUSION")
+               else "the Inductor slot does not hold it")
+        add(f"Fusion pass     available but NOT installed ({why}); fused_moe_ops.enable_fusion() installs it")
+    else:
+        add(f"Fusion pass     NOT available ({fu['error']})")
+    if fu["available"] and fu["error"]:
+        add(f"                ({fu['error']})")
+    add("")
+    if info["env"]:
+        add("Environment")
+        for k, v in info["env"].items():
+            add(f"  {k}={v}")
+        add("")
+    failed = [(k, b) for k, b in info["builds"].items() if b["state"] == "failed"]
+    for kind, b in failed:
+        add(f"Build error ({kind}), build dir {b['build_dir']}:")
+        add("-" * 72)
+        add((b["error"] or "").rstrip())
+        add("-" * 72)
+        add("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fused_moe_ops", description="Environment report of fused_moe_ops: versions, kernels built and active, build cache, fusion pass, build errors.")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--json-out", metavar="PATH", help="also write the JSON report to PATH")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a kernel build failed")
+    args = parser.parse_args(argv)
+    info = collect()
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(info, indent=2, default=str))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        sys.stdout.write(render(info))
+    if args.strict and any(b["state"] == "failed" for b in info["builds"].values()):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The examples run, as a new user runs them (subprocesses), at tiny sizes (issue 5, items 1-2)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+HAS_CUDA = torch.cuda.is_available()
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+TINY_BLOCK = ["--tokens", "24", "--hidden", "64", "--ffn", "32", "--experts", "4", "--topk", "2", "--iters", "2"]
+
+
+def run_example(script: str, *args: str, timeout: int = 600) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    if not HAS_CUDA:
+        env.setdefault("FUSED_MOE_OPS_NO_CUDA", "1")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=str(ROOT))
+    assert proc.returncode == 0, f"{script} {' '.join(args)} failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param([], id="defaults"),
+    pytest.param(["--dtype", "bfloat16", "--ep-ranks", "4", "--topk", "3", "--tokens", "33"], id="bf16-ep4"),
+    pytest.param(["--dtype", "float16", "--experts", "6", "--ep-ranks", "3", "--topk", "1"], id="f16-ep3-top1"),
+])
+def test_explicit_op(args):
+    out = run_example("explicit_op.py", "--device", "cpu", *args)
+    assert "all checks passed" in out
+    assert "MISMATCH" not in out
+    ranks = int(args[args.index("--ep-ranks") + 1]) if "--ep-ranks" in args else 2
+    # Every simulated rank used the .out form with some -1 entries.
+    rank_lines = re.findall(r"\.out, rank (\d+)/(\d+) \((\d+) entries = -1\)", out)
+    assert len(rank_lines) == ranks and all(int(n) > 0 for _, _, n in rank_lines), out
+    assert "entry >= R raises" in out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_explicit_op_cuda(dtype):
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    out = run_example("explicit_op.py", "--device", "cuda", "--dtype", dtype, "--tokens", "200")
+    assert "all checks passed" in out and "MISMATCH" not in out
+
+
+test_explicit_op_cuda = pytest.mark.cuda(test_explicit_op_cuda)
+
+
+def _check_block_output(out: str) -> dict:
+    m = re.search(r"fusion pass: fired (\d+) time\(s\)", out)
+    assert m and int(m.group(1)) >= 1, f"the pass did not fire:\n{out}"
+    assert "with the pass disabled: 0 rewrite(s)" in out, out
+    assert "generated code calls moe.shuffle_mul_sum: fusion on: yes, fusion off: no" in out, out
+    diffs = re.findall(r"max \|eager - compiled, fusion (off|on)\| = (\S+) .*  (ok|MISMATCH)", out)
+    assert [(d[0], d[2]) for d in diffs] == [("off", "ok"), ("on", "ok")], out
+    table = dict(re.findall(r"^(eager|compiled, fusion off|compiled, fusion on)\s+([0-9.]+)\s+[0-9.]+x$", out, re.M))
+    assert set(table) == {"eager", "compiled, fusion off", "compiled, fusion on"}, out
+    assert all(float(v) > 0 for v in table.values())
+    return table
+
+
+@pytest.mark.slow
+def test_moe_block_cpu_with_plot(tmp_path):
+    png = tmp_path / "timings.png"
+    out = run_example("moe_block.py", "--device", "cpu", *TINY_BLOCK, "--plot", str(png))
+    _check_block_output(out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_moe_block_cpu_bf16():
+    out = run_example("moe_block.py", "--device", "cpu", "--dtype", "bfloat16", *TINY_BLOCK)
+    _check_block_output(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_moe_block_cuda(dtype):
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    out = run_example("moe_block.py", "--device", "cuda", "--dtype", dtype, "--tokens", "512", "--hidden", "512",
+                      "--ffn", "256", "--experts", "8", "--iters", "5")
+    _check_block_output(out)
+    assert "device=cuda (moe::shuffle_mul_sum kernel: cuda" in out or "kernel: triton" in out
+
+
+test_moe_block_cuda = pytest.mark.cuda(test_moe_block_cuda)
+
+
+def test_moe_block_rejects_bad_topk():
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "moe_block.py"), "--experts", "2", "--topk", "3"],
+                          capture_output=True, text=True, cwd=str(ROOT),
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), FUSED_MOE_OPS_NO_CUDA="1"))
+    assert proc.returncode == 2 and "--topk must be between 1 and --experts" in proc.stderr
