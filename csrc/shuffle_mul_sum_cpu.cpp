@@ -107,11 +107,17 @@ void combine_rows(const Args& a) {
   int64_t chunk_cols = (k + chunks - 1) / chunks;
   chunk_cols = (chunk_cols + kTile - 1) / kTile * kTile;  // whole tiles, so only the last chunk has a tail
   chunks = (k + chunk_cols - 1) / chunk_cols;
-  // Grain: enough tasks per parallel_for piece to amortise its cost (~32 KiB of input).
+  // Grain: enough tasks per parallel_for piece to amortise its cost (~32 KiB of input). A call that
+  // reads less than kSerialBytes runs on the calling thread alone: one core streams it in ~10 us, and
+  // waking a second OpenMP thread costs about that, or milliseconds when that core is busy elsewhere.
+  constexpr int64_t kSerialBytes = 256 * 1024;
   const int64_t bytes_per_task = std::max<int64_t>(1, a.topk * chunk_cols * (int64_t)sizeof(in_t));
-  const int64_t grain = std::max<int64_t>(1, (32 * 1024) / bytes_per_task);
+  const int64_t total_tasks = a.m * chunks;
+  const int64_t grain = bytes_per_task * total_tasks < kSerialBytes
+                            ? total_tasks
+                            : std::max<int64_t>(1, (32 * 1024) / bytes_per_task);
 
-  at::parallel_for(0, a.m * chunks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, total_tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<const in_t*> src_store(a.topk);
     std::vector<float> w_store(a.topk);
     const in_t** src = src_store.data();

@@ -1,0 +1,218 @@
+"""Triton kernel of ``moe::shuffle_mul_sum`` (the MoE combine step).
+
+    out[i, :] = sum_{j < topk, p = permutation[i*topk + j] >= 0} factors[i, j] * input[p, :]
+
+float32 accumulation, one rounding to the output dtype, negative permutation entries skipped,
+an entry >= R reported by a device-side assertion (no host synchronisation; under
+TRITON_INTERPRET=1, whose interpreter ignores device assertions, by a host-side check of the
+CPU tensors instead, with the same IndexError as the reference).
+
+Where it is used:
+
+* for CUDA tensors when the C++ CUDA kernel (csrc/shuffle_mul_sum_cuda.cu) could not be built
+  or does not target the GPU (``fused_moe_ops._registry`` registers it under the CUDA key);
+* when forced, for comparison: ``FUSED_MOE_OPS_CUDA_BACKEND=triton`` (or ``cuda`` /
+  ``reference``) before ``import fused_moe_ops``;
+* directly: ``fused_moe_ops.triton_kernel.shuffle_mul_sum_triton(input, permutation, factors)``
+  whatever the registry chose (this is what the benchmark tool calls);
+* on CPU tensors with ``TRITON_INTERPRET=1`` set before this module is imported (the CI tests).
+
+Layout: a 2-D grid, axis 0 = token (M, up to 2**31 - 1), axis 1 = a block of BLOCK_K columns.
+Each program loads its token's ``topk`` permutation entries and factors as one small vector and
+then all ``topk`` source row slices as one (TOPK_P2, BLOCK_K) tile, so every load of a token is
+in flight at once, and reduces over the top-k axis in float32. Offsets are int64 throughout.
+BLOCK_K and num_warps are autotuned per (K, topk, dtypes, M class); the autotuning happens on the
+first call of each key (that first call benchmarks, and so synchronises: warm up before CUDA
+graph capture). Under TRITON_INTERPRET=1 there is a single small config, so tests stay fast;
+FUSED_MOE_OPS_TRITON_AUTOTUNE=0 (read at import) also uses one config, BLOCK_K 1024 / 4 warps.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .ops import check_args, check_out
+
+try:
+    import triton
+    import triton.language as tl
+    import triton.testing
+
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as e:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def _interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Read once, as triton's @jit reads it once: a module imported without TRITON_INTERPRET=1 is a GPU module.
+INTERPRET = _interpret_mode()
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the Triton kernel can run here, else why not."""
+    if triton is None:
+        return f"triton is not importable ({_IMPORT_ERROR})"
+    if INTERPRET:
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device (and TRITON_INTERPRET=1 was not set when fused_moe_ops.triton_kernel was imported)"
+    return None
+
+
+# Autotune space: small on purpose (each new key benchmarks every config once).
+GPU_CONFIGS = (  # (BLOCK_K, num_warps)
+    (256, 2),
+    (512, 4),
+    (1024, 4),
+    (1024, 8),
+    (2048, 8),
+)
+INTERPRET_CONFIGS = ((64, 1),)  # one config: no benchmarking on the CPU interpreter
+NO_AUTOTUNE_CONFIG = ((1024, 4),)  # FUSED_MOE_OPS_TRITON_AUTOTUNE=0 (e.g. under compute-sanitizer)
+AUTOTUNE = os.environ.get("FUSED_MOE_OPS_TRITON_AUTOTUNE", "1") not in ("0", "")
+
+
+def _m_class(m: int) -> int:
+    """Autotune bucket of the token count: decode-sized, mid, large."""
+    return 0 if m <= 64 else (1 if m <= 1024 else 2)
+
+
+if triton is not None:
+
+    def _configs():
+        chosen = INTERPRET_CONFIGS if INTERPRET else (GPU_CONFIGS if AUTOTUNE else NO_AUTOTUNE_CONFIG)
+        return [triton.Config({"BLOCK_K": b}, num_warps=w, num_stages=1) for b, w in chosen]
+
+    def _quick_bench(kernel_call, quantiles):
+        # A short measurement per config (the default 25 + 100 ms per config is more than a
+        # bandwidth-bound kernel needs to rank 5 configs); do_bench clears L2 before each call.
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+    def _autotune(**kw):
+        try:
+            return triton.autotune(do_bench=_quick_bench, **kw)
+        except TypeError:  # a triton without autotune(do_bench=...)
+            return triton.autotune(**kw)
+
+    # debug=True keeps tl.device_assert (the permutation range check) in the compiled kernel.
+    # All index arithmetic is int64, so debug mode's integer-overflow checks (which only cover
+    # narrower types) add nothing to the hot loop.
+    @_autotune(configs=_configs(), key=["K", "TOPK_P2", "M_CLASS"])
+    @triton.jit(debug=True)
+    def _shuffle_mul_sum_kernel(
+        in_ptr, perm_ptr, fac_ptr, out_ptr,
+        R, K, TOPK,
+        stride_in, stride_perm, stride_f0, stride_f1, stride_out,
+        M_CLASS,
+        HAS_PERM: tl.constexpr,
+        TOPK_P2: tl.constexpr,
+        ROUND_BF16_RNE: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        i = tl.program_id(0).to(tl.int64)
+        kb = tl.program_id(1).to(tl.int64)
+        j = tl.arange(0, TOPK_P2).to(tl.int64)
+        j_ok = j < TOPK
+        slot = i * TOPK + j
+        if HAS_PERM:
+            p = tl.load(perm_ptr + slot * stride_perm, mask=j_ok, other=-1).to(tl.int64)
+        else:
+            p = slot
+        tl.device_assert((p < R) | ~j_ok, "moe::shuffle_mul_sum: permutation entry >= input.shape[0]")
+        live = j_ok & (p >= 0) & (p < R)  # negative entries contribute nothing
+        w = tl.load(fac_ptr + i * stride_f0 + j * stride_f1, mask=live, other=0.0).to(tl.float32)
+
+        cols = kb * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+        col_ok = cols < K
+        rows = tl.where(live, p, 0)
+        x = tl.load(
+            in_ptr + rows[:, None] * stride_in + cols[None, :],
+            mask=live[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc = tl.sum(x * w[:, None], axis=0)
+        if ROUND_BF16_RNE:
+            # Interpreter only: its float32 -> bfloat16 cast truncates, where the compiled cast
+            # rounds to nearest even. Round here so the bfloat16 conversion below is exact.
+            b = acc.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            acc = b.to(tl.float32, bitcast=True)
+        tl.store(out_ptr + i * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _launch(input: Tensor, permutation: Optional[Tensor], factors: Tensor, dst: Tensor, m: int, topk: int, k: int):
+    """Write the result into ``dst`` ((M, K), last dim dense). No host synchronisation."""
+    if m == 0 or k == 0:
+        return
+    if topk == 0:
+        dst.zero_()
+        return
+    if k > 1 and input.stride(1) != 1:
+        input = input.contiguous()
+    rows = input.shape[0]
+    if rows == 0:
+        # Every entry must be negative (the assertion checks p < 0 = R); the kernel reads nothing
+        # but must not get a null pointer.
+        input = torch.zeros((1, 1), dtype=input.dtype, device=input.device)
+    if INTERPRET:
+        # Triton's CPU interpreter ignores tl.device_assert (it never runs in debug mode): check the
+        # range on the host instead. These are CPU tensors, so there is nothing to synchronise.
+        from .reference import check_permutation_range
+
+        check_permutation_range(permutation, rows)
+    grid = lambda meta: (m, triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+    _shuffle_mul_sum_kernel[grid](
+        input, permutation if permutation is not None else input, factors, dst,
+        rows, k, topk,
+        input.stride(0), permutation.stride(0) if permutation is not None else 0,
+        factors.stride(0), factors.stride(1), dst.stride(0),
+        _m_class(m),
+        HAS_PERM=permutation is not None,
+        TOPK_P2=_next_pow2(topk),
+        ROUND_BF16_RNE=INTERPRET and dst.dtype == torch.bfloat16,
+    )
+
+
+def _check_usable() -> None:
+    why = unavailable_reason()
+    if why is not None:
+        raise RuntimeError(f"moe::shuffle_mul_sum: the Triton kernel cannot run here: {why}")
+
+
+def shuffle_mul_sum_triton(
+    input: Tensor, permutation: Optional[Tensor], factors: Tensor, out_dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """The op's functional form on the Triton kernel (same contract as torch.ops.moe.shuffle_mul_sum)."""
+    m, topk, k = check_args(input, permutation, factors, out_dtype)
+    out = torch.empty((m, k), dtype=out_dtype if out_dtype is not None else input.dtype, device=input.device)
+    _check_usable()
+    _launch(input, permutation, factors, out, m, topk, k)
+    return out
+
+
+def shuffle_mul_sum_triton_out(input: Tensor, permutation: Optional[Tensor], factors: Tensor, *, out: Tensor) -> Tensor:
+    """The op's ``.out`` form on the Triton kernel."""
+    from .reference import _check_no_overlap
+
+    m, topk, k = check_args(input, permutation, factors, None)
+    check_out(out, input, m, k)
+    _check_no_overlap(out, input, permutation, factors)
+    _check_usable()
+    direct = k <= 1 or out.stride(1) == 1
+    dst = out if direct else torch.empty((m, k), dtype=out.dtype, device=out.device)
+    _launch(input, permutation, factors, dst, m, topk, k)
+    if not direct:
+        out.copy_(dst)
+    return out
