@@ -132,4 +132,58 @@ inline at::Tensor rows_with_dense_last_dim(const at::Tensor& t) {
   return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
 }
 
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// float32 / float16 / bfloat16 only (check_args has rejected the rest): 9 kernel instantiations
+// for (input, output) dtype pairs, not AT_DISPATCH's 16.
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(TypeTag<float>{});
+    case at::kHalf: return f(TypeTag<at::Half>{});
+    case at::kBFloat16: return f(TypeTag<at::BFloat16>{});
+    default: TORCH_CHECK(false, FMO_PREFIX "unsupported dtype ", dtype_str(t));
+  }
+}
+
+// A device's kernel: writes `dst` (M, K), whose last dimension is dense, from `input`, whose last
+// dimension is dense. Arguments are already checked.
+using CombineFn = void (*)(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
+                           const at::Tensor& factors, const CombineShape& s, at::Tensor& dst);
+
+template <CombineFn combine>
+void combine_into(const at::Tensor& input, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
+                  const CombineShape& s, at::Tensor& out) {
+  const at::Tensor rows = rows_with_dense_last_dim(input);
+  if (s.k <= 1 || out.stride(1) == 1) {
+    combine(rows, permutation, factors, s, out);
+    return;
+  }
+  at::Tensor dst = at::empty({s.m, s.k}, out.options());  // an `out` with a strided last dimension
+  combine(rows, permutation, factors, s, dst);
+  out.copy_(dst);
+}
+
+// The two overloads of the schema, for one device's kernel.
+template <CombineFn combine>
+at::Tensor shuffle_mul_sum_functional(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
+                                      const at::Tensor& factors, std::optional<at::ScalarType> out_dtype) {
+  const CombineShape s = check_args(input, permutation, factors, out_dtype);
+  at::Tensor out = at::empty({s.m, s.k}, input.options().dtype(out_dtype.value_or(input.scalar_type())));
+  combine_into<combine>(input, permutation, factors, s, out);
+  return out;
+}
+
+template <CombineFn combine>
+at::Tensor& shuffle_mul_sum_out(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
+                                const at::Tensor& factors, at::Tensor& out) {
+  const CombineShape s = check_args(input, permutation, factors, std::nullopt);
+  check_out(out, input, permutation, factors, s);
+  combine_into<combine>(input, permutation, factors, s, out);
+  return out;
+}
+
 }  // namespace fused_moe_ops

@@ -56,22 +56,6 @@ inline float factor_at(const void* base, at::ScalarType t, int64_t offset) {
   }
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// float32 / float16 / bfloat16 only (check_args has rejected the rest): 9 instantiations, not 16.
-template <typename F>
-void dispatch_float(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(TypeTag<float>{});
-    case at::kHalf: return f(TypeTag<at::Half>{});
-    case at::kBFloat16: return f(TypeTag<at::BFloat16>{});
-    default: TORCH_CHECK(false, FMO_PREFIX "unsupported dtype ", dtype_str(t));
-  }
-}
-
 struct Args {
   const void* input;
   int64_t input_row_stride;
@@ -174,9 +158,8 @@ void check_permutation_range(const Args& a, int64_t rows) {
   }
 }
 
-void combine_into(const at::Tensor& input_, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
-                  const CombineShape& s, at::Tensor& out) {
-  const at::Tensor input = rows_with_dense_last_dim(input_);
+void combine_cpu(const at::Tensor& input, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
+                 const CombineShape& s, at::Tensor& dst) {
   Args a{};
   a.input = input.data_ptr();
   a.input_row_stride = input.stride(0);
@@ -189,47 +172,25 @@ void combine_into(const at::Tensor& input_, const std::optional<at::Tensor>& per
   a.factor_type = factors.scalar_type();
   a.factor_stride0 = factors.stride(0);
   a.factor_stride1 = factors.stride(1);
+  a.out = dst.data_ptr();
+  a.out_row_stride = dst.stride(0);
   a.m = s.m;
   a.topk = s.topk;
   a.k = s.k;
-  check_permutation_range(a, s.rows);
+  check_permutation_range(a, s.rows);  // before anything is written, even when K = 0
   if (s.m == 0 || s.k == 0) return;
-
-  // The kernel writes rows with a dense last dimension; anything else goes through a buffer.
-  const bool direct = s.k <= 1 || out.stride(1) == 1;
-  at::Tensor dst = direct ? out : at::empty({s.m, s.k}, out.options());
-  a.out = dst.data_ptr();
-  a.out_row_stride = dst.stride(0);
-
   dispatch_float(input.scalar_type(), [&](auto in_tag) {
     dispatch_float(dst.scalar_type(), [&](auto out_tag) {
       combine_rows<typename decltype(in_tag)::type, typename decltype(out_tag)::type>(a);
     });
   });
-  if (!direct) out.copy_(dst);
-}
-
-at::Tensor shuffle_mul_sum_cpu(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
-                               const at::Tensor& factors, std::optional<at::ScalarType> out_dtype) {
-  const CombineShape s = check_args(input, permutation, factors, out_dtype);
-  at::Tensor out = at::empty({s.m, s.k}, input.options().dtype(out_dtype.value_or(input.scalar_type())));
-  combine_into(input, permutation, factors, s, out);
-  return out;
-}
-
-at::Tensor& shuffle_mul_sum_out_cpu(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
-                                    const at::Tensor& factors, at::Tensor& out) {
-  const CombineShape s = check_args(input, permutation, factors, std::nullopt);
-  check_out(out, input, permutation, factors, s);
-  combine_into(input, permutation, factors, s, out);
-  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe, CPU, m) {
-  m.impl("shuffle_mul_sum", &shuffle_mul_sum_cpu);
-  m.impl("shuffle_mul_sum.out", &shuffle_mul_sum_out_cpu);
+  m.impl("shuffle_mul_sum", &shuffle_mul_sum_functional<combine_cpu>);
+  m.impl("shuffle_mul_sum.out", &shuffle_mul_sum_out<combine_cpu>);
 }
 
 // No derivative (an inference op): forward runs under autograd, backward raises

@@ -139,21 +139,6 @@ __global__ void __launch_bounds__(kMaxThreads) shuffle_mul_sum_kernel(const Para
   }
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_float(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(TypeTag<float>{});
-    case at::kHalf: return f(TypeTag<at::Half>{});
-    case at::kBFloat16: return f(TypeTag<at::BFloat16>{});
-    default: TORCH_CHECK(false, FMO_PREFIX "unsupported dtype ", dtype_str(t));
-  }
-}
-
 inline bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 template <typename in_t, typename out_t>
@@ -181,17 +166,13 @@ void launch(const Params& P, int64_t m) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void combine_into(const at::Tensor& input_, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
-                  const CombineShape& s, at::Tensor& out) {
-  TORCH_CHECK(input_.is_cuda(), FMO_PREFIX "the CUDA kernel got input on ", input_.device());
+void combine_cuda(const at::Tensor& input, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
+                  const CombineShape& s, at::Tensor& dst) {
+  TORCH_CHECK(input.is_cuda(), FMO_PREFIX "the CUDA kernel got input on ", input.device());
   TORCH_CHECK(s.topk <= kMaxTopk, FMO_PREFIX "the CUDA kernel supports topk <= ", kMaxTopk, ", got topk = ", s.topk);
   TORCH_CHECK(s.m <= std::numeric_limits<int32_t>::max(), FMO_PREFIX "M must be < 2^31, got ", s.m);
   if (s.m == 0 || s.k == 0) return;
-  const at::cuda::OptionalCUDAGuard guard(input_.device());
-  const at::Tensor input = rows_with_dense_last_dim(input_);
-  const bool direct = s.k <= 1 || out.stride(1) == 1;
-  at::Tensor dst = direct ? out : at::empty({s.m, s.k}, out.options());
-
+  const at::cuda::OptionalCUDAGuard guard(input.device());
   Params P{};
   P.input = input.data_ptr();
   P.input_row_stride = input.stride(0);
@@ -209,36 +190,18 @@ void combine_into(const at::Tensor& input_, const std::optional<at::Tensor>& per
   P.out_row_stride = dst.stride(0);
   P.topk = s.topk;
   P.k = s.k;
-
   dispatch_float(input.scalar_type(), [&](auto in_tag) {
     dispatch_float(dst.scalar_type(), [&](auto out_tag) {
       launch<typename decltype(in_tag)::type, typename decltype(out_tag)::type>(P, s.m);
     });
   });
-  if (!direct) out.copy_(dst);
-}
-
-at::Tensor shuffle_mul_sum_cuda(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
-                                const at::Tensor& factors, std::optional<at::ScalarType> out_dtype) {
-  const CombineShape s = check_args(input, permutation, factors, out_dtype);
-  at::Tensor out = at::empty({s.m, s.k}, input.options().dtype(out_dtype.value_or(input.scalar_type())));
-  combine_into(input, permutation, factors, s, out);
-  return out;
-}
-
-at::Tensor& shuffle_mul_sum_out_cuda(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
-                                     const at::Tensor& factors, at::Tensor& out) {
-  const CombineShape s = check_args(input, permutation, factors, std::nullopt);
-  check_out(out, input, permutation, factors, s);
-  combine_into(input, permutation, factors, s, out);
-  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe, CUDA, m) {
-  m.impl("shuffle_mul_sum", &shuffle_mul_sum_cuda);
-  m.impl("shuffle_mul_sum.out", &shuffle_mul_sum_out_cuda);
+  m.impl("shuffle_mul_sum", &shuffle_mul_sum_functional<combine_cuda>);
+  m.impl("shuffle_mul_sum.out", &shuffle_mul_sum_out<combine_cuda>);
 }
 
 }  // namespace fused_moe_ops

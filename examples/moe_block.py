@@ -50,18 +50,23 @@ class MoEBlock(nn.Module):
         self.w_up = nn.Parameter(torch.randn(experts, hidden, 2 * ffn) / hidden ** 0.5)   # gate | up
         self.w_down = nn.Parameter(torch.randn(experts, ffn, hidden) / ffn ** 0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m, k = x.shape
-        topk = self.topk
-        # Routing.
+    def route(self, x: torch.Tensor):
+        """Router softmax, top-k, renormalised weights; the (token, choice) pairs sorted by expert.
+
+        Returns (topk_weights (m, topk), flat_ids (m*topk,), order, c_map, a): row r of the expert
+        input ``a`` is pair ``order[r]``, and pair p's output lands in row ``c_map[p]``."""
         probs = self.router(x).softmax(dim=-1, dtype=torch.float32)
-        topk_weights, topk_ids = probs.topk(topk, dim=-1)
+        topk_weights, topk_ids = probs.topk(self.topk, dim=-1)
         topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        # Sort the (token, choice) pairs by expert: row r of the expert input is pair order[r].
         flat_ids = topk_ids.view(-1)
         order = flat_ids.argsort(stable=True)
         c_map = order.argsort()                       # pair -> its row in the expert-sorted output
-        a = x[order // topk]
+        return topk_weights, flat_ids, order, c_map, x[order // self.topk]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, k = x.shape
+        topk = self.topk
+        topk_weights, flat_ids, order, c_map, a = self.route(x)
         counts = (flat_ids.unsqueeze(1) == torch.arange(self.num_experts, device=x.device)).sum(0).tolist()
         # Experts, each on its contiguous slice of the sorted rows.
         outs = []

@@ -8,12 +8,14 @@
 # later steps), and one that would get < 10 s is SKIPPED and says so in the summary):
 #   env       versions, nvidia-smi, `python -m fused_moe_ops --json` (which kernel serves CUDA and why)
 #   build     python -m fused_moe_ops.build --verbose   (JIT build of the CPU + CUDA kernels, no network)
-#   tests     pytest -m cuda tests                       (every CUDA-marked test: test_op.py, test_triton.py, ...)
+#   tests     pytest -m "cuda and not slow" tests        (CUDA-marked tests: test_op.py, test_triton.py, ...)
 #   bench     python -m fused_moe_ops.benchmark --device cuda   (the sweep: bf16, topk 8, K 4096/7168,
 #             M 1..16384; eager / inductor / inductor+pass / cuda / triton / copy)
 #   model     python -m fused_moe_ops.benchmark --device cuda --model  (compiled MoE block with vs without the pass)
-#   memcheck  compute-sanitizer --tool memcheck on the CUDA tests (not the `slow` ones); last, so the
-#             measurements come first when time is short
+#   memcheck  compute-sanitizer --tool memcheck on the CUDA tests (not the `slow` ones), after the
+#             measurements so they come first when time is short
+#   slowtests pytest -m "cuda and slow" tests (AOTInductor on CUDA, int64 offsets, reduce-overhead),
+#             with the time left
 #   summary   scripts/gpu_summary.py: a short table, printed LAST
 #
 # Files left under $OUT (at most 8, for the device tool): gpu_check.log (everything printed),
@@ -22,7 +24,7 @@
 # (PYTHONPATH), missing test plugins (hypothesis, expecttest) make only their tests skip.
 #
 # Environment: PYTHON (default: python3), GPU_CHECK_BUDGET (seconds, default 345),
-# GPU_CHECK_STEPS (comma list, default env,build,backends,tests,bench,model,memcheck: e.g. a
+# GPU_CHECK_STEPS (comma list, default env,build,backends,tests,bench,model,memcheck,slowtests: e.g. a
 # second run in the same session can do GPU_CHECK_STEPS=build,memcheck),
 # TORCH_CUDA_ARCH_LIST (default: this GPU's arch only, to halve nvcc time), CUDA_HOME.
 set -u -o pipefail
@@ -49,7 +51,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 export FUSED_MOE_OPS_CACHE=${FUSED_MOE_OPS_CACHE:-$HOME/.cache/fused_moe_ops}
 export MAX_JOBS=${MAX_JOBS:-16}
 
-STEPS_WANTED=${GPU_CHECK_STEPS:-env,build,backends,tests,bench,model,memcheck}
+STEPS_WANTED=${GPU_CHECK_STEPS:-env,build,backends,tests,bench,model,memcheck,slowtests}
 remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
 wanted() { case ",$STEPS_WANTED," in *",$1,"*) return 0;; *) return 1;; esac; }
 
@@ -127,6 +129,7 @@ if [ $HAS_GPU = 0 ]; then
   note memcheck SKIPPED "no CUDA device"
   note bench SKIPPED "no CUDA device"
   note model SKIPPED "no CUDA device"
+  note slowtests SKIPPED "no CUDA device"
 else
   # ---- tests -----------------------------------------------------------------------------------
   PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --continue-on-collection-errors)
@@ -135,7 +138,10 @@ else
   fi
   # One Triton config in the tests (each new dtype / top-k specialisation would otherwise compile and
   # time all 5 configs); the sweep below runs the autotuned kernel and checks its output.
-  FUSED_MOE_OPS_TRITON_AUTOTUNE=0 step tests 75 150 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m cuda tests --junitxml="$LOGS/junit_tests.xml"
+  # The `slow` CUDA tests (AOTInductor on CUDA, the 4.3 GB int64-offset case, reduce-overhead
+  # compiles) come last, in `slowtests`, with whatever budget is left.
+  FUSED_MOE_OPS_TRITON_AUTOTUNE=0 step tests 75 150 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m "cuda and not slow" tests \
+    --junitxml="$LOGS/junit_tests.xml"
 
   # ---- benchmarks ------------------------------------------------------------------------------
   # K 7168 first, the large-M (bandwidth target) and small-M (latency target) shapes first: a sweep
@@ -157,6 +163,7 @@ else
   else
     note memcheck SKIPPED "compute-sanitizer not found"
   fi
+  step slowtests 120 0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m "cuda and slow" tests --junitxml="$LOGS/junit_slow.xml"
 
 fi
 

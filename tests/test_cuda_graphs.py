@@ -110,13 +110,7 @@ class StaticMoEBlock(MoEBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, k = x.shape
         topk = self.topk
-        probs = self.router(x).softmax(dim=-1, dtype=torch.float32)
-        topk_weights, topk_ids = probs.topk(topk, dim=-1)
-        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        flat_ids = topk_ids.view(-1)
-        order = flat_ids.argsort(stable=True)
-        c_map = order.argsort()
-        a = x[order // topk]
+        topk_weights, flat_ids, order, c_map, a = self.route(x)
         expert_of_row = flat_ids[order]
         gate, up = torch.bmm(a.unsqueeze(1), self.w_up[expert_of_row]).squeeze(1).chunk(2, dim=-1)
         c2 = torch.bmm((F.silu(gate) * up).unsqueeze(1), self.w_down[expert_of_row]).squeeze(1)
