@@ -59,7 +59,7 @@ def forward(self, arg0_1, arg1_1, arg2_1):
     where_self = torch.ops.aten.where.self(lt_scalar_1, scalar_tensor_default, add_tensor);  lt_scalar_1 = scalar_tensor_default = add_tensor = None
     where_self_1 = torch.ops.aten.where.self(lt_scalar, where_self, arg2_1);  lt_scalar = where_self = arg2_1 = None
     view_default = torch.ops.aten.view.default(convert_element_type, [5, 2]);  convert_element_type = None
-    shuffle_mul_sum_default = torch.ops.moe.shuffle_mul_sum.default(arg1_1, where_self_1, view_default, torch.bfloat16);  arg1_1 = where_self_1 = view_default = None
+    shuffle_mul_sum_default = torch.ops.moe.shuffle_mul_sum.default(arg1_1, where_self_1, view_default);  arg1_1 = where_self_1 = view_default = None
     return (shuffle_mul_sum_default,)""")
 
     def test_weights_before_gather(self):
@@ -75,7 +75,7 @@ def forward(self, arg0_1, arg1_1, arg2_1):
     view_default = torch.ops.aten.view.default(unsqueeze, [13]);  unsqueeze = None
     index_tensor = torch.ops.aten.index.Tensor(view_default, [where_self_1]);  view_default = None
     view_default_1 = torch.ops.aten.view.default(index_tensor, [5, 2]);  index_tensor = None
-    shuffle_mul_sum_default = torch.ops.moe.shuffle_mul_sum.default(arg1_1, where_self_1, view_default_1, torch.float32);  arg1_1 = where_self_1 = view_default_1 = None
+    shuffle_mul_sum_default = torch.ops.moe.shuffle_mul_sum.default(arg1_1, where_self_1, view_default_1);  arg1_1 = where_self_1 = view_default_1 = None
     return (shuffle_mul_sum_default,)""")
 
     def test_einsum(self):
@@ -89,7 +89,7 @@ def forward(self, arg0_1, arg1_1, arg2_1):
     where_self = torch.ops.aten.where.self(lt_scalar_1, scalar_tensor_default, add_tensor);  lt_scalar_1 = scalar_tensor_default = add_tensor = None
     where_self_1 = torch.ops.aten.where.self(lt_scalar, where_self, arg2_1);  lt_scalar = where_self = arg2_1 = None
     view_default = torch.ops.aten.view.default(unsqueeze, [5, 2]);  unsqueeze = None
-    shuffle_mul_sum_default = torch.ops.moe.shuffle_mul_sum.default(arg1_1, where_self_1, view_default, torch.float32);  arg1_1 = where_self_1 = view_default = None
+    shuffle_mul_sum_default = torch.ops.moe.shuffle_mul_sum.default(arg1_1, where_self_1, view_default);  arg1_1 = where_self_1 = view_default = None
     return (shuffle_mul_sum_default,)""")
 
     def test_upcast_bf16(self):
@@ -103,5 +103,5 @@ def forward(self, arg0_1, arg1_1, arg2_1):
     where_self = torch.ops.aten.where.self(lt_scalar_1, scalar_tensor_default, add_tensor);  lt_scalar_1 = scalar_tensor_default = add_tensor = None
     where_self_1 = torch.ops.aten.where.self(lt_scalar, where_self, arg2_1);  lt_scalar = where_self = arg2_1 = None
     view_default = torch.ops.aten.view.default(unsqueeze, [5, 2]);  unsqueeze = None
-    shuffle_mul_sum_default = torch.ops.moe.shuffle_mul_sum.default(arg1_1, where_self_1, view_default, torch.bfloat16);  arg1_1 = where_self_1 = view_default = None
+    shuffle_mul_sum_default = torch.ops.moe.shuffle_mul_sum.default(arg1_1, where_self_1, view_default);  arg1_1 = where_self_1 = view_default = None
     return (shuffle_mul_sum_default,)""")

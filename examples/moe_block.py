@@ -181,6 +181,11 @@ def main(argv=None) -> int:
                    help="CPU threads for torch (torch.set_num_threads); on a busy machine 1 gives steadier timings")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)")
     if not 1 <= args.topk <= args.experts:
         p.error("--topk must be between 1 and --experts")
 
