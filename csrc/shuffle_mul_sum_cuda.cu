@@ -20,6 +20,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 
@@ -139,6 +140,26 @@ __global__ void __launch_bounds__(kMaxThreads) shuffle_mul_sum_kernel(const Para
   }
 }
 
+// Whether this library holds code for the current GPU (machine code for its arch, or PTX it can JIT):
+// a GPU older than every target (e.g. sm_75 against the default 8.0;9.0+PTX) has none, and a launch
+// would fail with CUDA's "no kernel image is available". Checked once per device.
+void check_device_has_code() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> state[kMaxDevices];  // 0 unknown, 1 has code, 2 has none
+  const int device = c10::cuda::current_device();
+  if (device < kMaxDevices && state[device].load(std::memory_order_relaxed) == 1) return;
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, shuffle_mul_sum_kernel<float, float, 1>);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // not sticky: clear it
+  if (device < kMaxDevices) state[device].store(err == cudaSuccess ? 1 : 2, std::memory_order_relaxed);
+  if (err == cudaSuccess) return;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(false, FMO_PREFIX "the CUDA kernel has no code for this GPU (", prop->name, ", sm_", prop->major,
+              prop->minor, "): ", cudaGetErrorString(err), ". Rebuild for it (TORCH_CUDA_ARCH_LIST=\"", prop->major, ".",
+              prop->minor, "\" before importing fused_moe_ops) or use the Triton kernel "
+              "(FUSED_MOE_OPS_CUDA_BACKEND=triton).");
+}
+
 inline bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 template <typename in_t, typename out_t>
@@ -173,6 +194,7 @@ void combine_cuda(const at::Tensor& input, const std::optional<at::Tensor>& perm
   TORCH_CHECK(s.m <= std::numeric_limits<int32_t>::max(), FMO_PREFIX "M must be < 2^31, got ", s.m);
   if (s.m == 0 || s.k == 0) return;
   const at::cuda::OptionalCUDAGuard guard(input.device());
+  check_device_has_code();
   Params P{};
   P.input = input.data_ptr();
   P.input_row_stride = input.stride(0);
