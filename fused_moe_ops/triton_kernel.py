@@ -10,7 +10,8 @@ CPU tensors instead, with the same IndexError as the reference).
 Where it is used:
 
 * for CUDA tensors when the C++ CUDA kernel (csrc/shuffle_mul_sum_cuda.cu) could not be built
-  or does not target the GPU (``fused_moe_ops._registry`` registers it under the CUDA key);
+  (``fused_moe_ops._registry`` registers it under the CUDA key; on a GPU the CUDA build has no code
+  for, the CUDA kernel raises an error that points here);
 * when forced, for comparison: ``FUSED_MOE_OPS_CUDA_BACKEND=triton`` (or ``cuda`` /
   ``reference``) before ``import fused_moe_ops``;
 * directly: ``fused_moe_ops.triton_kernel.shuffle_mul_sum_triton(input, permutation, factors)``
