@@ -16,6 +16,7 @@
 #             measurements so they come first when time is short
 #   slowtests pytest -m "cuda and slow" tests (AOTInductor on CUDA, int64 offsets, reduce-overhead),
 #             with the time left
+#   compiletests  pytest -m cuda compile_tests (the fusion pass's rewrites on CUDA), with the time left
 #   summary   scripts/gpu_summary.py: a short table, printed LAST
 #
 # Files left under $OUT (at most 8, for the device tool): gpu_check.log (everything printed),
@@ -24,7 +25,7 @@
 # (PYTHONPATH), missing test plugins (hypothesis, expecttest) make only their tests skip.
 #
 # Environment: PYTHON (default: python3), GPU_CHECK_BUDGET (seconds, default 345),
-# GPU_CHECK_STEPS (comma list, default env,build,backends,tests,bench,model,memcheck,slowtests: e.g. a
+# GPU_CHECK_STEPS (comma list, default env,build,backends,tests,bench,model,memcheck,slowtests,compiletests: e.g. a
 # second run in the same session can do GPU_CHECK_STEPS=build,memcheck),
 # TORCH_CUDA_ARCH_LIST (default: this GPU's arch only, to halve nvcc time), CUDA_HOME.
 set -u -o pipefail
@@ -51,7 +52,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 export FUSED_MOE_OPS_CACHE=${FUSED_MOE_OPS_CACHE:-$HOME/.cache/fused_moe_ops}
 export MAX_JOBS=${MAX_JOBS:-16}
 
-STEPS_WANTED=${GPU_CHECK_STEPS:-env,build,backends,tests,bench,model,memcheck,slowtests}
+STEPS_WANTED=${GPU_CHECK_STEPS:-env,build,backends,tests,bench,model,memcheck,slowtests,compiletests}
 remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
 wanted() { case ",$STEPS_WANTED," in *",$1,"*) return 0;; *) return 1;; esac; }
 
@@ -130,6 +131,7 @@ if [ $HAS_GPU = 0 ]; then
   note bench SKIPPED "no CUDA device"
   note model SKIPPED "no CUDA device"
   note slowtests SKIPPED "no CUDA device"
+  note compiletests SKIPPED "no CUDA device"
 else
   # ---- tests -----------------------------------------------------------------------------------
   PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --continue-on-collection-errors)
@@ -164,6 +166,10 @@ else
     note memcheck SKIPPED "compute-sanitizer not found"
   fi
   step slowtests 120 0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m "cuda and slow" tests --junitxml="$LOGS/junit_slow.xml"
+  # The fusion pass on CUDA (52 compiles): rarely fits the first run's budget; on a warm machine run
+  # it alone with GPU_CHECK_STEPS=compiletests.
+  step compiletests 300 0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -p no:logging -m cuda compile_tests \
+    --junitxml="$LOGS/junit_compile.xml"
 
 fi
 
