@@ -3,7 +3,9 @@
     CPU : the C++ kernel (csrc/shuffle_mul_sum_cpu.cpp); if it could not be built, the reference.
     CUDA: the C++ CUDA kernel (csrc/shuffle_mul_sum_cuda.cu); if it could not be built, the Triton
           kernel (fused_moe_ops/triton_kernel.py); if Triton is missing, the reference.
-          FUSED_MOE_OPS_CUDA_BACKEND=cuda|triton|reference forces one.
+          FUSED_MOE_OPS_CUDA_BACKEND=cuda|triton|reference forces one. Where no GPU is visible no CUDA
+          tensor can reach the op: the CUDA key gets the reference, and neither the CUDA library nor
+          Triton is loaded (both cost import time), unless asked for (_build.py).
     Meta / FakeTensor: ops.py's fake.
 
 A fallback is announced with one warning that says why (the compiler's full message is in
@@ -106,13 +108,14 @@ def _setup_cuda() -> None:
     if forced is not None and forced not in CUDA_BACKENDS:
         raise ValueError(f"FUSED_MOE_OPS_CUDA_BACKEND must be one of {', '.join(CUDA_BACKENDS)}, got {forced!r}")
     reasons = []
+    gpu = _build.gpu_visible()
     if forced in (None, "cuda"):
-        result = _build.build_cuda()
+        result = _build.build_cuda(on_import=True)
         if result.ok:
             ACTIVE["cuda"] = "cuda"
             return
         reasons.append(f"CUDA kernel not built: {result.skipped or _short(result.error or '')}")
-    if forced in (None, "triton"):
+    if forced == "triton" or (forced is None and gpu):
         why = _triton_unavailable()
         if why is None:
             from .triton_kernel import shuffle_mul_sum_triton, shuffle_mul_sum_triton_out
@@ -126,7 +129,7 @@ def _setup_cuda() -> None:
     ACTIVE["cuda"] = "reference"
     FALLBACK_REASONS["cuda"] = "; ".join(reasons) or "forced by FUSED_MOE_OPS_CUDA_BACKEND"
     # Only worth a warning where CUDA tensors can actually reach the op.
-    if torch.cuda.is_available() and forced is None:
+    if gpu and forced is None:
         warnings.warn(
             f"fused_moe_ops: moe::shuffle_mul_sum runs on the plain-PyTorch reference on CUDA "
             f"({FALLBACK_REASONS['cuda']}).",
