@@ -131,17 +131,7 @@ def find_cuda_home() -> Optional[str]:
 
 
 def cuda_include_paths() -> List[str]:
-    """Headers that ATen/cuda needs and that CUDA wheels ship outside the toolkit (cusparse.h, ...)."""
-    paths = []
-    try:
-        import nvidia  # the pip "nvidia-*" packages; a namespace package
-        for root in list(nvidia.__path__):
-            for inc in sorted(Path(root).glob("*/include")):
-                if (inc / "cusparse.h").exists() or (inc / "cublas_v2.h").exists():
-                    paths.append(str(inc))
-    except ImportError:
-        pass
-    return paths
+    return spec.cuda_include_paths()
 
 
 def cuda_flags() -> List[str]:

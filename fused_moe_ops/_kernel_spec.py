@@ -1,7 +1,7 @@
 """What the native kernels are built from: sources and flags, shared by the wheel build (setup.py)
 and the just-in-time build (_build.py).
 
-Plain Python, no imports: setup.py reads this file by path, before torch is importable (the
+Plain Python, no torch: setup.py reads this file by path, before torch is importable (the
 editable install's isolated build environment has no torch).
 
 CPU: ``shuffle_mul_sum_cpu.cpp`` holds the kernel inside ``namespace CPU_CAPABILITY`` (the at::vec
@@ -39,3 +39,20 @@ DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 # _prebuilt.json beside them records the torch they were built against.
 WHEEL_LIBRARIES = {"cpu": "_C_cpu", "cuda": "_C_cuda"}
 PREBUILT_MANIFEST = "_prebuilt.json"
+
+
+def cuda_include_paths():
+    """Headers that ATen/cuda needs and that CUDA wheels of torch ship outside the toolkit (cusparse.h,
+    cublas_v2.h, ...) in the pip "nvidia-*" packages."""
+    from pathlib import Path
+
+    paths = []
+    try:
+        import nvidia  # a namespace package
+    except ImportError:
+        return paths
+    for root in list(nvidia.__path__):
+        for inc in sorted(Path(root).glob("*/include")):
+            if (inc / "cusparse.h").exists() or (inc / "cublas_v2.h").exists():
+                paths.append(str(inc))
+    return paths
