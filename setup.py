@@ -33,6 +33,8 @@ def _load_spec():
 
 SPEC = _load_spec()
 BASE_DEPENDENCIES = ["ninja", "numpy"]
+# Python's own CFLAGS carry -g; debug info would double the CPU library's size in the wheel.
+NO_DEBUG_INFO = ["-g0"]
 
 
 def _installed_torch():
@@ -76,7 +78,8 @@ def _torch_extensions(skipped):
         "fused_moe_ops." + SPEC.WHEEL_LIBRARIES["cpu"],
         sources=[f"{csrc}/{s}" for s in SPEC.CPU_SOURCES],
         include_dirs=[str(ROOT / csrc)],
-        extra_compile_args={"cxx": SPEC.CPU_COMMON_FLAGS + [SPEC.CPU_DISPATCH_FLAG] + SPEC.CPU_ISAS["DEFAULT"]},
+        extra_compile_args={"cxx": SPEC.CPU_COMMON_FLAGS + NO_DEBUG_INFO + [SPEC.CPU_DISPATCH_FLAG]
+                            + SPEC.CPU_ISAS["DEFAULT"]},
         extra_link_args=["-fopenmp"],
     )]
     if torch.version.cuda is None:
@@ -89,7 +92,7 @@ def _torch_extensions(skipped):
             "fused_moe_ops." + SPEC.WHEEL_LIBRARIES["cuda"],
             sources=[f"{csrc}/{s}" for s in SPEC.CUDA_SOURCES],
             include_dirs=[str(ROOT / csrc)] + SPEC.cuda_include_paths(),
-            extra_compile_args={"cxx": list(SPEC.CUDA_CXX_FLAGS), "nvcc": list(SPEC.CUDA_NVCC_FLAGS)},
+            extra_compile_args={"cxx": SPEC.CUDA_CXX_FLAGS + NO_DEBUG_INFO, "nvcc": list(SPEC.CUDA_NVCC_FLAGS)},
         ))
     for kind, why in skipped.items():
         print(f"fused_moe_ops: the wheel carries no {kind} kernel: {why}", file=sys.stderr)
