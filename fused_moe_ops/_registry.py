@@ -20,8 +20,8 @@ from typing import Dict, Optional
 import torch
 
 from . import _build
-from .ops import QUALNAME, _lib, check_args, check_out
-from .reference import shuffle_mul_sum_reference, shuffle_mul_sum_reference_out
+from .ops import FUSED_OP_NAME, QUALNAME, _lib, check_args, check_out
+from .reference import shuffle_mul_sum_fused_reference, shuffle_mul_sum_reference, shuffle_mul_sum_reference_out
 
 CUDA_BACKENDS = ("cuda", "triton", "reference")
 
@@ -66,9 +66,10 @@ def _short(msg: str, limit: int = 300) -> str:
     return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
-def _register_python(key: str, functional, out_variant) -> None:
+def _register_python(key: str, functional, out_variant, fused=shuffle_mul_sum_fused_reference) -> None:
     _lib.impl("shuffle_mul_sum", functional, key)
     _lib.impl("shuffle_mul_sum.out", out_variant, key)
+    _lib.impl(FUSED_OP_NAME, fused, key)
 
 
 def _reference_functional(input, permutation, factors, out_dtype=None):
@@ -118,9 +119,9 @@ def _setup_cuda() -> None:
     if forced == "triton" or (forced is None and gpu):
         why = _triton_unavailable()
         if why is None:
-            from .triton_kernel import shuffle_mul_sum_triton, shuffle_mul_sum_triton_out
+            from .triton_kernel import shuffle_mul_sum_fused_triton, shuffle_mul_sum_triton, shuffle_mul_sum_triton_out
 
-            _register_python("CUDA", shuffle_mul_sum_triton, shuffle_mul_sum_triton_out)
+            _register_python("CUDA", shuffle_mul_sum_triton, shuffle_mul_sum_triton_out, shuffle_mul_sum_fused_triton)
             ACTIVE["cuda"] = "triton"
             FALLBACK_REASONS["cuda"] = "; ".join(reasons) or "forced by FUSED_MOE_OPS_CUDA_BACKEND"
             return
