@@ -15,6 +15,7 @@ The kernel sources and flags come from fused_moe_ops/_kernel_spec.py, shared wit
 import importlib.util
 import json
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ SPEC = _load_spec()
 BASE_DEPENDENCIES = ["ninja", "numpy"]
 # Python's own CFLAGS carry -g; debug info would double the CPU library's size in the wheel.
 NO_DEBUG_INFO = ["-g0"]
+X86_64 = platform.machine() in ("x86_64", "AMD64")
 
 
 def _installed_torch():
@@ -74,12 +76,14 @@ def _torch_extensions(skipped):
     from torch.utils import cpp_extension
 
     csrc = "csrc"  # relative: setuptools wants relative source paths
+    # x86-64: the dispatching library (DEFAULT copy registers and selects, AVX2 / AVX-512 copies linked
+    # in); elsewhere one DEFAULT copy.
+    dispatch = [SPEC.CPU_DISPATCH_FLAG] if X86_64 else []
     extensions = [cpp_extension.CppExtension(
         "fused_moe_ops." + SPEC.WHEEL_LIBRARIES["cpu"],
         sources=[f"{csrc}/{s}" for s in SPEC.CPU_SOURCES],
         include_dirs=[str(ROOT / csrc)],
-        extra_compile_args={"cxx": SPEC.CPU_COMMON_FLAGS + NO_DEBUG_INFO + [SPEC.CPU_DISPATCH_FLAG]
-                            + SPEC.CPU_ISAS["DEFAULT"]},
+        extra_compile_args={"cxx": SPEC.CPU_COMMON_FLAGS + NO_DEBUG_INFO + dispatch + SPEC.CPU_ISAS["DEFAULT"]},
         extra_link_args=["-fopenmp"],
     )]
     if torch.version.cuda is None:
@@ -115,11 +119,10 @@ def _torch_build_ext_class(skipped):
             """The AVX2 and AVX-512 copies of the CPU kernel, each with its own flags. They are linked
             after the DEFAULT copy (ext's own source), which keeps the baseline's copy of any inline
             function they share (_kernel_spec.py)."""
-            base = [f for f in ext.extra_compile_args["cxx"]
-                    if f not in SPEC.CPU_ISAS["DEFAULT"] and f != SPEC.CPU_DISPATCH_FLAG]
+            base = [f for f in ext.extra_compile_args["cxx"] if f not in SPEC.CPU_ISAS["DEFAULT"]]
             objects = []
             for isa, flags in SPEC.CPU_ISAS.items():
-                if isa == "DEFAULT":
+                if isa == "DEFAULT" or not X86_64:
                     continue
                 objects += self.compiler.compile(
                     ext.sources, output_dir=os.path.join(self.build_temp, f"isa_{isa.lower()}"),
@@ -135,7 +138,7 @@ def _torch_build_ext_class(skipped):
                 entry = {"file": Path(self.get_ext_filename(ext.name)).name,
                          "flags": list(ext.extra_compile_args.get("nvcc" if kind == "cuda" else "cxx", []))}
                 if kind == "cpu":
-                    entry["isas"] = list(SPEC.CPU_ISAS)
+                    entry["isas"] = list(SPEC.CPU_ISAS) if X86_64 else ["DEFAULT"]
                 else:
                     entry["arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
                 libraries[kind] = entry

@@ -10,10 +10,15 @@
 // every core. Inside a chunk, a tile of columns is held in float32 registers while the topk
 // source rows stream through it: every source element is read exactly once, the output is
 // written exactly once, and the accumulation is float32 with one rounding at the end.
-// Vectorised with at::vec (built with the host's AVX2 / AVX-512 flags, see _build.py).
+// Vectorised with at::vec. The kernel lives in namespace CPU_CAPABILITY (at::vec's convention): the
+// JIT build compiles it once with the host's AVX2 / AVX-512 flags; the wheel compiles this file once
+// per ISA (DEFAULT, AVX2, AVX512; fused_moe_ops/_kernel_spec.py) into one library, whose DEFAULT
+// copy (FMO_CPU_DISPATCH) registers the op and picks the copy torch's CPU capability names when the
+// library loads (ATEN_CPU_CAPABILITY=avx2|default overrides it, as for ATen's own kernels).
 #include "shuffle_mul_sum.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
@@ -23,7 +28,12 @@
 #include <limits>
 #include <vector>
 
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
+
 namespace fused_moe_ops {
+namespace CPU_CAPABILITY {
 namespace {
 
 using VecF = at::vec::Vectorized<float>;
@@ -259,6 +269,60 @@ void combine_cpu(const at::Tensor& input, const std::optional<at::Tensor>& permu
 
 }  // namespace
 
+// This ISA's copy of the kernel, as the registration below calls it.
+void combine_cpu_entry(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
+                       const at::Tensor& factors, const CombineShape& s, const CombineOptions& o, at::Tensor& dst) {
+  combine_cpu(input, permutation, factors, s, o, dst);
+}
+
+}  // namespace CPU_CAPABILITY
+
+// Registration: once per library, in its DEFAULT copy (dispatching form) or its only copy (JIT).
+#if !defined(FMO_CPU_DISPATCH) || defined(CPU_CAPABILITY_DEFAULT)
+#if defined(FMO_CPU_DISPATCH)
+// The other copies: this same file compiled with their flags and linked into this library.
+namespace AVX2 {
+void combine_cpu_entry(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const CombineShape&,
+                       const CombineOptions&, at::Tensor&);
+}
+namespace AVX512 {
+void combine_cpu_entry(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const CombineShape&,
+                       const CombineOptions&, at::Tensor&);
+}
+#endif
+
+namespace {
+
+struct SelectedKernel {
+  CombineFn fn;
+  const char* isa;
+};
+
+#if defined(FMO_CPU_DISPATCH)
+SelectedKernel select_kernel() {
+  const std::string capability = at::get_cpu_capability();  // "AVX512", "AVX2" or "DEFAULT"
+  if (capability == "AVX512") return {&AVX512::combine_cpu_entry, "AVX512"};
+  if (capability == "AVX2") return {&AVX2::combine_cpu_entry, "AVX2"};
+  return {&DEFAULT::combine_cpu_entry, "DEFAULT"};
+}
+#else
+#define FMO_STR_(x) #x
+#define FMO_STR(x) FMO_STR_(x)
+SelectedKernel select_kernel() { return {&CPU_CAPABILITY::combine_cpu_entry, FMO_STR(CPU_CAPABILITY)}; }
+#endif
+
+const SelectedKernel& selected() {
+  static const SelectedKernel kernel = select_kernel();
+  return kernel;
+}
+
+void combine_cpu(const at::Tensor& input, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
+                 const CombineShape& s, const CombineOptions& o, at::Tensor& dst) {
+  selected().fn(input, permutation, factors, s, o, dst);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("shuffle_mul_sum", &shuffle_mul_sum_functional<combine_cpu>);
   m.impl("shuffle_mul_sum.out", &shuffle_mul_sum_out<combine_cpu>);
@@ -276,3 +340,11 @@ TORCH_LIBRARY_IMPL(moe, Autograd, m) {
 }
 
 }  // namespace fused_moe_ops
+
+// Which copy runs ("AVX512", "AVX2" or "DEFAULT"): _build.py reads it with ctypes for the report.
+extern "C" C10_EXPORT const char* fused_moe_ops_cpu_isa() {
+  return fused_moe_ops::selected().isa;
+}
+#else
+}  // namespace fused_moe_ops
+#endif
