@@ -124,6 +124,22 @@ C10_HOST_DEVICE inline float round_factor(float w, int64_t mode) {
   return w;
 }
 
+// The addend of the internal op: broadcastable to (M, K) (a residual, a bias), or, with more than
+// two dimensions, M*K elements in row-major (M, K) order (the residual of `out.view(b, s, h) + r`).
+inline bool addend_fits(const at::Tensor& a, int64_t m, int64_t k) {
+  if (a.dim() > 2) return a.size(-1) == k && a.numel() == m * k;
+  const int64_t want[2] = {m, k};
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    const int64_t size = a.size(a.dim() - 1 - d);
+    if (size != 1 && size != want[1 - d]) return false;
+  }
+  return true;
+}
+
+inline at::Tensor addend_as_rows(const at::Tensor& a, int64_t m, int64_t k) {
+  return a.dim() > 2 ? a.reshape({m, k}) : a.expand({m, k});
+}
+
 // Checks of the internal op (the public op's checks, plus the options). A 2-D (M, topk) permutation
 // is what carries M and topk when the factors are per row.
 inline CombineShape check_fused_args(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
@@ -155,8 +171,8 @@ inline CombineShape check_fused_args(const at::Tensor& input, const std::optiona
   }
   if (o.addend.has_value()) {
     const at::Tensor& a = *o.addend;
-    TORCH_CHECK(a.dim() == 2 && a.size(0) == s.m && a.size(1) == s.k, FMO_PREFIX "addend must have shape (M, K) = (",
-                s.m, ", ", s.k, "), got ", shape_str(a));
+    TORCH_CHECK(addend_fits(a, s.m, s.k), FMO_PREFIX "addend must broadcast to (M, K) = (", s.m, ", ", s.k,
+                ") or, with more than 2 dimensions, hold M*K elements with last dimension K, got ", shape_str(a));
     TORCH_CHECK(is_supported_float(a.scalar_type()),
                 FMO_PREFIX "addend must have dtype float32, float16, bfloat16, got ", dtype_str(a.scalar_type()));
     TORCH_CHECK(a.device() == input.device(), FMO_PREFIX "addend must be on the same device as input (",
@@ -233,7 +249,10 @@ void combine_into(const at::Tensor& input, const std::optional<at::Tensor>& perm
   const std::optional<at::Tensor> flat =
       permutation.has_value() ? std::optional<at::Tensor>(permutation->reshape({-1})) : std::nullopt;
   CombineOptions dense = o;
-  if (o.addend.has_value() && s.k > 1 && o.addend->stride(1) != 1) dense.addend = o.addend->contiguous();
+  if (o.addend.has_value()) {
+    at::Tensor a = addend_as_rows(*o.addend, s.m, s.k);
+    dense.addend = (s.k > 1 && a.stride(1) != 1) ? a.contiguous() : a;
+  }
   if (s.k <= 1 || out.stride(1) == 1) {
     combine(rows, flat, factors, s, dense, out);
     return;

@@ -45,8 +45,8 @@ OUT_SCHEMA = (
 #                   custom ops (pytorch#169157)
 #   factors         (M, topk) per slot, or (R,) per input row: slot (i, j) uses factors[p] for its
 #                   (wrapped) row p (weights applied before the gather); then permutation is (M, topk)
-#   scale, addend   out = scale * sum + addend (addend (M, K), any float dtype, any strides),
-#                   in float32, rounded once
+#   scale, addend   out = scale * sum + addend, in float32, rounded once; addend broadcastable to
+#                   (M, K), or with more than 2 dims M*K elements in (M, K) order; any float dtype
 # A 2-D permutation must be (M, topk); it is read row-major.
 FUSED_OP_NAME = "_shuffle_mul_sum_fused"
 FUSED_SCHEMA = (
@@ -154,6 +154,18 @@ def check_out(out: Tensor, input: Tensor, m, k) -> None:
     )
 
 
+def addend_fits(addend: Tensor, m, k) -> bool:
+    """Broadcastable to (M, K), or, with more than two dimensions, M*K elements in row-major (M, K)
+    order (the residual of ``out.view(b, s, h) + r``). Same rule as csrc/shuffle_mul_sum.h."""
+    if addend.dim() > 2:
+        return addend.shape[-1] == k and addend.numel() == m * k
+    return all(size == 1 or size == want for size, want in zip(reversed(addend.shape), (k, m)))
+
+
+def addend_as_rows(addend: Tensor, m, k) -> Tensor:
+    return addend.reshape(m, k) if addend.dim() > 2 else addend.expand(m, k)
+
+
 def check_fused_args(input: Tensor, permutation: Optional[Tensor], factors: Tensor, out_dtype: Optional[torch.dtype],
                      negative_index: int, factor_round: int, addend: Optional[Tensor]) -> tuple:
     """Validate the internal op's arguments; return (M, topk, K). Same rules and messages as
@@ -179,8 +191,9 @@ def check_fused_args(input: Tensor, permutation: Optional[Tensor], factors: Tens
         like = factors.new_empty(()).expand(permutation.shape[0], permutation.shape[1])
         m, topk, k = check_args(input, permutation.reshape(-1), like, out_dtype)
     if addend is not None:
-        torch._check(addend.dim() == 2 and addend.shape[0] == m and addend.shape[1] == k,
-                     lambda: f"{p}addend must have shape (M, K) = ({m}, {k}), got {tuple(addend.shape)}")
+        torch._check(addend_fits(addend, m, k),
+                     lambda: f"{p}addend must broadcast to (M, K) = ({m}, {k}) or, with more than 2 dimensions, "
+                     f"hold M*K elements with last dimension K, got {tuple(addend.shape)}")
         torch._check(addend.dtype in FLOAT_DTYPES,
                      lambda: f"{p}addend must have dtype {_names(FLOAT_DTYPES)}, got {addend.dtype}")
         torch._check(addend.device == input.device,

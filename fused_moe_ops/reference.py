@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import FACTOR_ROUND, SKIP_NEGATIVE, WRAP_NEGATIVE, check_args, check_fused_args, check_out
+from .ops import FACTOR_ROUND, SKIP_NEGATIVE, WRAP_NEGATIVE, addend_as_rows, check_args, check_fused_args, check_out
 
 _ROUND_TO = {code: dtype for dtype, code in FACTOR_ROUND.items() if dtype is not None}
 
@@ -102,7 +102,7 @@ def shuffle_mul_sum_fused_reference(
         factors = factors.to(_ROUND_TO[factor_round])
     total = _weighted_sum(input, flat, factors, m, topk, k, acc_dtype) * scale
     if addend is not None:
-        total = total + addend.to(acc_dtype)
+        total = total + addend_as_rows(addend, m, k).to(acc_dtype)
     return total.to(out_dtype if out_dtype is not None else input.dtype)
 
 

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import check_args, check_fused_args, check_out
+from .ops import addend_as_rows, check_args, check_fused_args, check_out
 
 try:
     import triton
@@ -201,8 +201,10 @@ def _launch(input: Tensor, permutation: Optional[Tensor], factors: Tensor, dst: 
         return
     if k > 1 and input.stride(1) != 1:
         input = input.contiguous()
-    if addend is not None and k > 1 and addend.stride(1) != 1:
-        addend = addend.contiguous()
+    if addend is not None:
+        addend = addend_as_rows(addend, m, k)
+        if k > 1 and addend.stride(1) != 1:
+            addend = addend.contiguous()
     rows = input.shape[0]
     if rows == 0:
         # Every entry must be negative (the assertion checks p < 0 = R); the kernel reads nothing

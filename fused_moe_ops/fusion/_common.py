@@ -10,25 +10,43 @@ from torch._inductor.pattern_matcher import CallFunction, Ignored, Match, Patter
 from torch.fx import Node
 
 from . import _state
-from ._match import CONVERT, NoMatch, aten, log, shape_str, static_int, erase_dead, tensor_val
+from ..ops import FACTOR_ROUND, NEGATIVE_IS_ERROR, WRAP_NEGATIVE
+from ._match import CONVERT, NoMatch, aten, erase_dead, log, peel_factors, reshape_like, shape_str, static_int, tensor_val
 
 PASS_NAME = "fused_moe_ops_shuffle_mul_sum"
 
 # Filled lazily by fusion/_pass.py (importing the fusion modules registers their patterns).
 PATTERNS = PatternMatcherPass(pass_name=PASS_NAME)
 
-_OP = torch.ops.moe.shuffle_mul_sum.default
+_OP = torch.ops.moe._shuffle_mul_sum_fused.default
 
 # AOTInductor before torch 2.12 reads a custom op's ScalarType argument wrongly (float32 arrives as
 # float64, pytorch/pytorch#169157, fixed by #173562): the loaded package's call fails. So the
 # replacement passes out_dtype=None whenever it means "input's dtype", and an AOT compile on such a
 # torch leaves a mixed-dtype combine (e.g. bf16 rows -> float32 result) to Inductor (see register()).
+# (The factors' rounding is an int argument for the same reason.)
 AOTI_MISREADS_DTYPE_ARGS = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
 
 
-def SHUFFLE_MUL_SUM(x: torch.Tensor, permutation, factors: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """The op call every replacement emits."""
-    return _OP(x, permutation, factors, None if out_dtype == x.dtype else out_dtype)
+def FUSED_COMBINE(
+    x: torch.Tensor,
+    permutation: Optional[torch.Tensor],
+    factors: torch.Tensor,
+    out_dtype: torch.dtype,
+    negative_index: int,
+    rounding: Optional[torch.dtype] = None,
+    scale: float = 1.0,
+    addend: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The op call every replacement emits: ``moe._shuffle_mul_sum_fused`` with all eight arguments
+    positional (the epilogue patterns in epilogue.py match that form)."""
+    return _OP(x, permutation, factors, None if out_dtype == x.dtype else out_dtype, negative_index,
+               FACTOR_ROUND[rounding], scale, addend)
+
+
+def negative_index_of(wraps: bool) -> int:
+    """x[idx] wraps negative entries; x.index_select(0, idx) refuses them."""
+    return WRAP_NEGATIVE if wraps else NEGATIVE_IS_ERROR
 
 
 def _aot_compiling() -> bool:
@@ -52,7 +70,6 @@ class Plan:
     k: Any
     out_dtype: torch.dtype
     walked: List[Node] = field(default_factory=list)  # nodes outside the pattern the rewrite may leave dead
-    extra: Any = None            # fusion-specific detail
     wraps: bool = True           # negative index entries count from the end (x[idx]), not an error
 
     @property
@@ -123,13 +140,29 @@ def replace(
     erase_dead(graph, walked)
     _state.count(name)
     log.info(
-        "fused_moe_ops: rewrote %s (%s) into moe.shuffle_mul_sum: input %s, permutation %s, "
+        "fused_moe_ops: rewrote %s (%s) into moe._shuffle_mul_sum_fused: input %s, permutation %s, "
         "m=%s topk=%s k=%s, out %s",
         name, anchor.name, shape_str(rows), shape_str(index) if index is not None else "None (identity)",
         m, topk, k, str(out_dtype).replace("torch.", ""),
     )
 
 
-def factors_2d(w: torch.Tensor, topk_dim: int) -> torch.Tensor:
-    """(m, topk, 1) -> (m, topk) or (m, 1, topk) -> (m, topk), as a view."""
-    return w.reshape(w.shape[0], w.shape[topk_dim])
+def rewrite_per_slot(match: Match, plan: Plan, name: str) -> None:
+    """Replace a combine whose weights are per (token, slot), ``(m, topk)`` in some view: the op reads
+    the weights' source and rounds as the graph did; negative index entries keep eager's meaning."""
+    layout = (plan.m, plan.topk)
+    src, rounding, dims, chain = peel_factors(plan.weights, layout)
+    out_dtype, negative_index = plan.out_dtype, negative_index_of(plan.wraps)
+
+    if plan.index is None:
+        def replacement(x, w):
+            return FUSED_COMBINE(x, None, reshape_like(w, layout, dims), out_dtype, negative_index, rounding)
+
+        args = [plan.rows, src]
+    else:
+        def replacement(x, idx, w):
+            return FUSED_COMBINE(x, idx, reshape_like(w, layout, dims), out_dtype, negative_index, rounding)
+
+        args = [plan.rows, plan.index, src]
+    replace(match, name, replacement, args, plan.walked + chain, rows=plan.rows, index=plan.index,
+            m=plan.m, topk=plan.topk, k=plan.k, out_dtype=out_dtype)

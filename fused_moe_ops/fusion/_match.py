@@ -137,6 +137,57 @@ def peel_upcast(node: Node) -> Tuple[Node, List[Node]]:
     return node, chain
 
 
+def non_unit_dims(shape: Sequence[Any]) -> List[int]:
+    """Positions of the dimensions that are not statically 1."""
+    return [d for d, size in enumerate(shape) if not same(size, 1)]
+
+
+def peel_factors(node: Node, layout: Sequence[Any]) -> Tuple[Node, Optional[torch.dtype], List[int], List[Node]]:
+    """The factors' source: walk up from the weights operand through order-preserving views and float
+    converts, as far as the source still holds the factors in ``layout`` order (its dimensions other
+    than 1s are exactly ``layout``, e.g. (m, topk) or (R,)) and at most one convert rounds.
+
+    Returns (source, rounding dtype or None, the source's dimensions that make up the entries of
+    ``layout`` that are not 1, the nodes walked over, nearest first). The op
+    then reads the source and rounds each factor in registers, so no kernel materialises the
+    converted weights (``w.view(m, topk, 1).to(bf16)`` in the seed line).
+    """
+    wanted = [size for size in layout if not same(size, 1)]
+    best = None
+    rounding: Optional[torch.dtype] = None
+    chain: List[Node] = []
+    while True:
+        v = val(node)
+        if not isinstance(v, torch.Tensor) or v.dtype not in FLOAT_DTYPES:
+            break
+        dims = non_unit_dims(v.shape)
+        if len(dims) == len(wanted) and all(same(v.shape[d], size) for d, size in zip(dims, wanted)):
+            best = (node, rounding, dims, list(chain))
+        if not (isinstance(node, Node) and node.op == "call_function"):
+            break
+        if node.target is CONVERT:
+            src = val(node.args[0])
+            if not isinstance(src, torch.Tensor) or src.dtype not in FLOAT_DTYPES:
+                break
+            if not lossless_to_fp32(src.dtype, node.args[1]):
+                if rounding is not None:
+                    break  # a second rounding: keep the node after it
+                rounding = node.args[1]
+        elif node.target not in ORDER_PRESERVING:
+            break
+        chain.append(node)
+        node = node.args[0]
+    require(best is not None, "weights do not hold the factors in order")
+    return best
+
+
+def reshape_like(t: torch.Tensor, layout: Sequence[Any], dims: Sequence[int]) -> torch.Tensor:
+    """``t`` (a source found by peel_factors) reshaped to ``layout``, its sizes read from ``t`` itself so
+    that a traced replacement stays symbolic."""
+    sizes = iter(dims)
+    return t.reshape([1 if same(size, 1) else t.shape[next(sizes)] for size in layout])
+
+
 def as_gather(node: Node) -> Optional[Tuple[Node, Node, bool]]:
     """(source, index, wraps) if node is ``source[index]`` (wraps=True: negative entries count from the
     end) or ``source.index_select(0, index)`` (wraps=False: negative entries are an error), else None."""
@@ -205,18 +256,6 @@ def absorbable_downcast(convert: Node) -> bool:
 
 def device_type(node: Node) -> str:
     return tensor_val(node).device.type
-
-
-def wrap_index(index: torch.Tensor, rows: Any, wraps: bool = True) -> torch.Tensor:
-    """Eager indexing semantics on top of the op's (which skips negative entries).
-
-    ``x[index]`` (wraps=True): -rows <= i < 0 reads row i + rows, as eager does; i < -rows is an
-    IndexError in eager and is mapped to ``rows`` so that the op raises too instead of skipping it.
-    ``x.index_select(0, index)`` (wraps=False): every negative entry is an error, mapped to ``rows``.
-    """
-    if not wraps:
-        return torch.where(index < 0, rows, index)
-    return torch.where(index < 0, torch.where(index < -rows, rows, index + rows), index)
 
 
 def erase_dead(graph: torch.fx.Graph, nodes: Sequence[Node]) -> None:
