@@ -15,9 +15,8 @@ from . import _registry
 
 _registry.setup()
 
-try:  # the fusion pass (fused_moe_ops/fusion/); optional until it lands
-    from .fusion import disable_fusion, enable_fusion, fusion_enabled, fusion_stats, reset_fusion_stats  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+# The fusion pass's switch and counters (cheap: the pass itself, and Inductor, load when Inductor is
+# first imported; fusion/__init__.py).
+from .fusion import disable_fusion, enable_fusion, fusion_enabled, fusion_stats, reset_fusion_stats  # noqa: F401,E402
 
 __version__ = "0.1.0"
