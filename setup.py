@@ -83,7 +83,9 @@ def _torch_extensions(skipped):
         "fused_moe_ops." + SPEC.WHEEL_LIBRARIES["cpu"],
         sources=[f"{csrc}/{s}" for s in SPEC.CPU_SOURCES],
         include_dirs=[str(ROOT / csrc)],
-        extra_compile_args={"cxx": SPEC.CPU_COMMON_FLAGS + NO_DEBUG_INFO + dispatch + SPEC.CPU_ISAS["DEFAULT"]},
+        # -ffile-prefix-map: the dispatcher names "csrc/shuffle_mul_sum_cpu.cpp", not the build machine's path.
+        extra_compile_args={"cxx": SPEC.CPU_COMMON_FLAGS + NO_DEBUG_INFO + [f"-ffile-prefix-map={ROOT}/="] + dispatch
+                            + SPEC.CPU_ISAS["DEFAULT"]},
         extra_link_args=["-fopenmp"],
     )]
     if torch.version.cuda is None:

@@ -5,7 +5,8 @@ nothing.
 Needs the wheel: FUSED_MOE_OPS_WHEEL=dist/fused_moe_ops-*.whl (.ci/run builds it with
 `pip wheel . --no-deps --no-build-isolation -w dist/` and then runs this file). Without it the
 tests skip. The clean environment gets torch (the version this process runs, as the
-wheel requires) from the package index, then the wheel; every check runs there with PATH holding
+wheel requires) from the package index (or is FUSED_MOE_OPS_WHEEL_VENV, a fresh venv with only torch
+in it), then the wheel; every check runs there with PATH holding
 no compiler and no ninja, CC/CXX=/bin/false, HOME and FUSED_MOE_OPS_CACHE empty temporary
 directories, and a working directory outside the checkout.
 """
@@ -43,11 +44,21 @@ def wheel() -> Path:
 def clean(tmp_path_factory, wheel):
     """(python, env, site-packages package dir, cache dir) of a fresh venv with torch and the wheel."""
     root = tmp_path_factory.mktemp("clean")
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=600)
-    python = venv / "bin" / "python"
-    torch_version = torch.__version__.split("+")[0]
-    for args in (["torch==" + torch_version], [str(wheel)]):
+    prepared = os.environ.get("FUSED_MOE_OPS_WHEEL_VENV")
+    if prepared:  # .ci/run creates it (with torch only) while the JIT suite runs
+        venv = Path(prepared)
+        python = venv / "bin" / "python"
+        probe = subprocess.run([str(python), "-c", "import importlib.util as u; "
+                                "print(u.find_spec('fused_moe_ops') is None)"], capture_output=True, text=True,
+                               cwd=str(root), timeout=300)
+        assert probe.stdout.strip() == "True", f"FUSED_MOE_OPS_WHEEL_VENV={prepared} is not clean: {probe}"
+        installs = [[str(wheel)]]
+    else:
+        venv = root / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=600)
+        python = venv / "bin" / "python"
+        installs = [["torch==" + torch.__version__.split("+")[0]], [str(wheel)]]
+    for args in installs:
         proc = subprocess.run([str(python), "-m", "pip", "install", "-q", *args], capture_output=True, text=True,
                               timeout=1800)
         assert proc.returncode == 0, proc.stdout + proc.stderr
