@@ -27,9 +27,10 @@ none). Two schemes, the two serving engines use:
 The combine. Eager calls ``torch.ops.moe.shuffle_mul_sum``. Under ``torch.compile`` the layer writes
 the combine in the eager spelling ``(buf[perm].view(m, topk, k) * w.view(m, topk, 1).to(dtype)).sum(1)``
 so that the fusion pass finds and rewrites it (``fused_moe_ops.fusion_stats()`` counts it per rank).
-In that spelling ``buf[-1]`` is the *last row* (Python indexing), not "nothing", so the expert output
-buffer always ends in one row of zeros: a -1 entry gathers zeros in eager indexing and in the pass's
-replacement (which wraps -1 to row R-1) alike, and a rank with no local rows still has a row to index.
+In that spelling ``buf[-1]`` is the *last row* (Python indexing), not "nothing", so the allreduce
+scheme's expert output buffer always ends in one row of zeros: a -1 entry gathers zeros in eager
+indexing and in the pass's replacement (which wraps -1 to row R-1) alike, and a rank with no local
+rows still has a row to index. (The alltoall scheme's permutation has no -1 entries.)
 
 Collectives run outside the compiled graphs (``torch.compiler.disable``): Dynamo breaks the graph at
 each one and compiles the pieces in between; the combine is inside a compiled piece. The expert loop

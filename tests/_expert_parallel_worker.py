@@ -2,7 +2,7 @@
 
 Started once per rank by the test (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment):
 
-    python tests/_expert_parallel_worker.py --mode eager|compiled --cases a,b,... --out results.json
+    python tests/_expert_parallel_worker.py --cases a,b,... --compiled-cases c,... --out results.json
 
 Each case builds a routing with one edge of expert parallelism (which experts each token picks is
 set explicitly, so the edge is there whatever the random data), runs ExpertParallelMoE with both
@@ -121,8 +121,8 @@ def control_without_all_reduce(rank: int, world: int) -> Dict:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", choices=["eager", "compiled"], required=True)
-    p.add_argument("--cases", required=True, help="comma-separated case names, or 'all'")
+    p.add_argument("--cases", required=True, help="comma-separated case names to run eagerly, or 'all'")
+    p.add_argument("--compiled-cases", default="", help="comma-separated case names to run under torch.compile")
     p.add_argument("--schemes", default="allreduce,alltoall")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -130,21 +130,22 @@ def main() -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch._dynamo.config.capture_scalar_outputs = True
     torch._inductor.config.fx_graph_cache = False           # every rank compiles, so its pass runs
-    names = list(CASES) if args.cases == "all" else args.cases.split(",")
+    runs = [("eager", n) for n in (list(CASES) if args.cases == "all" else args.cases.split(","))]
+    runs += [("compiled", n) for n in args.compiled_cases.split(",") if n]
     results, ok = {}, True
-    for name in names:
+    for mode, name in runs:
         for scheme in args.schemes.split(","):
             torch._dynamo.reset()
-            r = run_case(name, scheme, args.mode == "compiled", rank, world)
+            r = run_case(name, scheme, mode == "compiled", rank, world)
             ok &= r["ok"]
             gathered = [None] * world
             dist.all_gather_object(gathered, r)
-            results[f"{name}/{scheme}"] = gathered
-    if world > 1 and args.mode == "eager":
+            results[f"{mode}/{name}/{scheme}"] = gathered
+    if world > 1:
         r = control_without_all_reduce(rank, world)
         gathered = [None] * world
         dist.all_gather_object(gathered, r)
-        results["control-without-all-reduce/allreduce"] = gathered
+        results["eager/control-without-all-reduce/allreduce"] = gathered
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
