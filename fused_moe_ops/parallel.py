@@ -92,10 +92,10 @@ def moe_reference(x: Tensor, weights: Dict[str, Tensor], topk_weights: Tensor, t
     xd = x.double()
     w_up, w_down = weights["w_up"].double(), weights["w_down"].double()
     out = torch.zeros_like(xd)
-    for j in range(topk_ids.shape[1]):
-        gate, up = torch.einsum("mh,mhf->mf", xd, w_up[topk_ids[:, j]]).chunk(2, dim=-1)
-        y = torch.einsum("mf,mfh->mh", F.silu(gate) * up, w_down[topk_ids[:, j]])
-        out += topk_weights[:, j].double().unsqueeze(-1) * y
+    for e in range(w_up.shape[0]):                        # expert by expert: memory O(m * hidden)
+        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+        gate, up = (xd[tok] @ w_up[e]).chunk(2, dim=-1)
+        out.index_add_(0, tok, topk_weights[tok, slot].double().unsqueeze(-1) * ((F.silu(gate) * up) @ w_down[e]))
     return out
 
 
