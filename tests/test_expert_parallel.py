@@ -30,6 +30,12 @@ COMPILED_CASES = {2: ("topk-gt-experts-per-rank",), 4: ("empty-rank-receives-not
 TIMEOUT_S = {2: 300, 4: 420}
 
 
+def _loopback_env() -> dict:
+    """Gloo binds to the address the host name resolves to; a CI container whose name does not
+    resolve fails there. Loopback needs no resolution (Linux names it lo)."""
+    return {"GLOO_SOCKET_IFNAME": "lo"} if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ else {}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,7 +48,7 @@ def launch(world: int, tmp: Path) -> dict:
     or a non-zero exit of any rank, with every rank's output in the message."""
     out = tmp / f"ep_{world}.json"
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-               OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1",
+               OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1", **_loopback_env(),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.setdefault("FUSED_MOE_OPS_NO_CUDA", "1")
     procs, logs = [], []
@@ -139,7 +145,7 @@ TINY = ["--tokens", "9", "--hidden", "32", "--ffn", "16", "--experts", "5", "--t
 
 
 def run_example(launcher, *args: str, timeout: int = 240) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1", **_loopback_env(),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.setdefault("FUSED_MOE_OPS_NO_CUDA", "1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
