@@ -335,8 +335,8 @@ def main(argv=None) -> int:
     import fused_moe_ops  # noqa: F401  (defines and registers the op)
 
     t0 = time.time()
-    print(f"sanitize_kernels: device {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None
+    print(f"sanitize_kernels: device {args.device}" + (f" ({gpu})" if gpu else "")
           + f", torch {torch.__version__}, backends {','.join(backends)}{' (quick)' if args.quick else ''}", flush=True)
     total = ok = 0
     failed: List[str] = []
