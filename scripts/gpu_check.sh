@@ -227,7 +227,7 @@ fi
 # pytest per file: -v (each test's name is printed when it starts, so a crash names it), junit XML.
 # FUSED_MOE_OPS_TRITON_AUTOTUNE=0: one Triton config in tests (autotuning is the benchmark's business).
 pytest_job() {  # pytest_job NAME CAP MARK FILE
-  add_job "$1" "$2" pytest env FUSED_MOE_OPS_TRITON_AUTOTUNE=0 OMP_NUM_THREADS=4 \
+  add_job "$1" "$2" pytest env FUSED_MOE_OPS_TRITON_AUTOTUNE=0 OMP_NUM_THREADS=4 TORCHINDUCTOR_COMPILE_THREADS=4 \
     "$PY" -m pytest -v -rfEs -p no:cacheprovider -o faulthandler_timeout=60 -m "$3" "$4" \
     --junitxml="$LOGS/junit_$1.xml"
 }
