@@ -174,10 +174,10 @@ def summary(out_dir: str, steps_tsv: str) -> str:
     p("gpu_check summary: " + _machine_line(out_dir, bench))
     p("=" * 100)
     steps = [ln.rstrip("\n").split("\t") for ln in _read(steps_tsv).splitlines() if ln.strip()]
-    p(f"{'step / job':<34}{'status':<16}{'secs':>5}  detail")
+    p(f"{'step / job':<30}{'status':<14}{'secs':>5}  detail (in full: the '### name' lines of gpu_check.log)")
     for s in steps:
         s += [""] * (4 - len(s))
-        p(f"{s[0][:33]:<34}{s[1][:15]:<16}{s[2]:>5}  {s[3][:150]}")
+        p(f"{s[0][:29]:<30}{s[1][:13]:<14}{s[2]:>5}  {s[3][:100]}")
     bad = [s[0] for s in steps if s[1].startswith(("FAIL", "CRASH", "TIMEOUT"))]
     p(f"not ok: {', '.join(bad)}" if bad else "every step that ran is ok")
     if bench:
