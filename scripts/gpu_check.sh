@@ -53,6 +53,7 @@ mkdir -p "$LOGS"
 STEPS=$LOGS/steps.tsv
 : > "$STEPS"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+TEE_PID=$!
 
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-400}
@@ -302,4 +303,6 @@ tar -C "$WORK" -czf "$OUT/logs.tar.gz" logs 2>/dev/null || true
 echo "total $(( $(date +%s) - START ))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 "$SUMMARY_PY" "$ROOT/scripts/gpu_summary.py" "$OUT" "$STEPS" || cat "$STEPS"
 rm -rf "$WORK"
+exec >&- 2>&-          # let tee write the summary out before this script (and the device call) ends
+wait "$TEE_PID" 2>/dev/null
 exit 0
