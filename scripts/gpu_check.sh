@@ -99,7 +99,7 @@ step() {
   dt=$(( $(date +%s) - t0 ))
   tail -n 25 "$LOGS/$name.log"
   st=$(status_of "$rc" "$dt" "$t")
-  detail=$(grep -E "passed|failed|ERROR SUMMARY|^cpu |^cuda |error|Error" "$LOGS/$name.log" | tail -n 1)
+  detail=$(grep -E "passed|failed|ERROR SUMMARY|^cpu |^cuda |^  cuda  |error|Error" "$LOGS/$name.log" | tail -n 1)
   [ -z "$detail" ] && detail=$(grep -v '^\s*$' "$LOGS/$name.log" | tail -n 1)
   detail=$(printf '%s' "$detail" | tr '\t' ' ' | cut -c1-150)
   record "$name" "$st" "$dt" "$detail"
