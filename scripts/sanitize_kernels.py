@@ -60,6 +60,9 @@ class Case(NamedTuple):
     form: str = "func"             # func | out | out-padded (row stride K+8) | out-cols (column stride 2)
     triton: bool = False           # also in the Triton set
     quick: bool = False            # in the --quick set
+    fused: str = ""                # the internal op the fusion pass emits (moe::_shuffle_mul_sum_fused), with
+                                   # these options: "+"-joined of wrap | error | per-row | round | scale |
+                                   # addend (the input's dtype, (M, K)) | bias (float32 (K,), broadcast) | mask
 
 
 CASES: List[Case] = [
@@ -102,6 +105,15 @@ CASES: List[Case] = [
     Case("M0-topk8-K4097", 0, 8, 4097),
     Case("K0-M5-topk2", 5, 2, 0),
     Case("topk0-M3-K16", 3, 0, 16),
+    # the internal op (what the pass emits): index wrap, per-row factors, rounding, row mask, epilogue
+    Case("fused-wrap-round-addend-M7-topk8-K4096", 7, 8, 4096, fused="wrap+round+addend", triton=True, quick=True),
+    Case("fused-per-row-mask-scale-M5-topk4-K1024", 5, 4, 1024, fused="wrap+per-row+mask+scale", triton=True,
+         quick=True),
+    Case("fused-scalar-K77-bias-f32-M9-topk3", 9, 3, 77, dtype=F32, fused="wrap+bias+scale", quick=True),
+    Case("fused-M1-decode-K7168-topk8", 1, 8, 7168, fused="wrap+round+addend+mask"),
+    Case("fused-topk300-chunked-M2-K512", 2, 300, 512, fused="wrap+per-row+addend+mask", triton=True),
+    Case("fused-error-mode-nonneg-M64-topk2-K256", 64, 2, 256, perm="nonneg", fused="error+addend"),
+    Case("fused-identity-mask-M4-topk3-K96-f16", 4, 3, 96, dtype=F16, index=None, fused="mask+addend"),
 ]
 
 DTYPE_NAMES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
@@ -246,9 +258,66 @@ def check_close(got, x, perm, f, out_code: str, what: str = "") -> float:
 # Running
 # ------------------------------------------------------------------------------------------------
 
+def run_fused_case(case: Case, backend: str, device: str, seed: int) -> float:
+    """The internal op with case.fused's options, against its float64 reference (the same accuracy model)."""
+    import torch
+    from fused_moe_ops.ops import FACTOR_ROUND, NEGATIVE_IS_ERROR, SKIP_NEGATIVE, WRAP_NEGATIVE
+    from fused_moe_ops.reference import shuffle_mul_sum_fused_reference as reference
+
+    opts = set(case.fused.split("+"))
+    x, perm, f = make(case, "cpu", seed)
+    x = torch.nan_to_num(x, nan=0.5)  # make() poisons unread rows; wrapped negative entries read them
+    g = torch.Generator().manual_seed(seed + 1)
+    rows = x.shape[0]
+    mode = WRAP_NEGATIVE if "wrap" in opts else (NEGATIVE_IS_ERROR if "error" in opts else SKIP_NEGATIVE)
+    if perm is not None and mode == WRAP_NEGATIVE:  # wrap mode: negatives in [-R, 0)
+        perm = torch.where(perm < 0, -(perm.abs() % rows) - 1, perm).to(perm.dtype) if rows else perm
+    if "per-row" in opts:
+        f = torch.rand(rows, generator=g)
+        perm = perm.view(case.m, case.topk)
+    rounding = FACTOR_ROUND[torch.bfloat16] if "round" in opts else 0
+    scale = 0.75 if "scale" in opts else 1.0
+    addend = None
+    if "addend" in opts:
+        addend = torch.randn(case.m, case.k, generator=g).to(x.dtype)
+    elif "bias" in opts:
+        addend = torch.randn(case.k, generator=g)
+    mask = None
+    if "mask" in opts:
+        mask = torch.rand(rows, generator=g) < 0.3
+        x = x.clone()
+        x[mask] = float("nan")  # a masked row must not leak
+    cpu = (x, perm, f, None, mode, rounding, scale, addend, mask)
+    ref = reference(x, perm, f, torch.float32, mode, rounding, scale, addend, mask, acc_dtype=torch.float64).double()
+    abs_sum = reference(x.abs(), perm, f.abs(), torch.float32, mode, rounding, abs(scale),
+                        None if addend is None else addend.abs(), mask, acc_dtype=torch.float64).double()
+    args = [_to(t, device) if isinstance(t, torch.Tensor) else t for t in cpu]
+    if backend == "triton":
+        from fused_moe_ops.triton_kernel import shuffle_mul_sum_fused_triton as fused
+    else:
+        fused = torch.ops.moe._shuffle_mul_sum_fused
+    if device == "cuda":
+        torch.full((max(1, case.m * case.k),), float("nan"), dtype=torch.float32, device=device)
+    got = fused(*args)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    got = got.cpu().double()
+    if got.numel() == 0:
+        return 0.0
+    assert not torch.isnan(got).any(), f"{backend} {case.name}: NaN in the output (a masked row or poison leaked)"
+    u = UNIT_ROUNDOFF[case.out or case.dtype]
+    bound = (case.topk + 3) * 2.0 ** -24 * abs_sum + u * (ref.abs() + abs_sum * 2.0 ** -20) + SMALLEST_SUBNORMAL[
+        case.out or case.dtype] + 2.0 ** -24 * ref.abs()
+    worst = float(((got - ref).abs() / bound).max())
+    assert worst <= 1.0, f"{backend} {case.name}: worst err/bound {worst:.3g}"
+    return worst
+
+
 def run_case(case: Case, backend: str, device: str, seed: int) -> float:
     import torch
 
+    if case.fused:
+        return run_fused_case(case, backend, device, seed)
     x, perm, f = make(case, device, seed)
     out_code = case.out or case.dtype
     out_dtype = getattr(torch, DTYPE_NAMES[out_code])
