@@ -100,5 +100,7 @@ def test_cases_cover_the_code_paths():
         has(lambda c, z=zero: getattr(c, z) == 0, f"{zero} = 0 (no launch)")
     triton = [c for c in cases if c.triton]
     assert 4 <= len(triton) <= 8, "the Triton set stays small (each specialisation is a JIT compile)"
-    assert all(c.topk <= 64 for c in triton), "the Triton kernel's tile grows with topk"
+    # The Triton kernel loads at most 16 slots per step (triton_kernel.MAX_TOPK_BLOCK) and loops: a
+    # topk of several steps must be in its set.
+    assert any(c.topk > 16 * 2 for c in triton), "the Triton kernel's top-k loop (several steps)"
     assert any(c.m == 1 and c.topk == 1 and c.k == 1 for c in triton)
