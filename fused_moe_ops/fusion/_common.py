@@ -11,8 +11,8 @@ from torch.fx import Node
 
 from . import _state
 from ..ops import FACTOR_ROUND, NEGATIVE_IS_ERROR, WRAP_NEGATIVE
-from ._match import (CONVERT, NoMatch, aten, erase_dead, log, peel_factors, peel_row_mask, reshape_like, shape_str,
-                     static_int, tensor_val)
+from ._match import (CONVERT, NoMatch, aten, erase_dead, fused_into_consumer_by_inductor, log, peel_factors,
+                     peel_row_mask, reshape_like, shape_str, static_int, tensor_val)
 
 PASS_NAME = "fused_moe_ops_shuffle_mul_sum"
 
@@ -101,6 +101,13 @@ def register(patterns: Sequence[Any], analyze: Callable[[Match], Any], rewrite: 
             plan = analyze(match)
         except NoMatch as e:
             log.debug("fused_moe_ops: %s left alone: %s", match.output_node(), e)
+            return False
+        rows, _, _ = peel_row_mask(plan.rows)
+        if fused_into_consumer_by_inductor(rows):
+            # Structural, so it holds for every token count: Inductor's own kernel reads the pointwise
+            # inputs directly; the op would add a write and a read of the whole (R, k) rows.
+            log.debug("fused_moe_ops: %s left alone: its rows are a pointwise result Inductor fuses into "
+                      "its own combine", match.output_node())
             return False
         if AOTI_MISREADS_DTYPE_ARGS and plan.out_dtype != plan.rows_dtype and _aot_compiling():
             log.debug("fused_moe_ops: %s left alone: AOTInductor on torch %s cannot pass out_dtype=%s "

@@ -211,6 +211,20 @@ def peel_row_mask(rows: Node) -> Tuple[Node, Optional[Node], List[Node]]:
     return base, cond, [rows] + upcasts
 
 
+def fused_into_consumer_by_inductor(rows: Node) -> bool:
+    """Whether ``rows`` is a pointwise result read only by the combine (through views), which
+    Inductor computes inside its own combine kernel (e.g. a ``torch.where`` chain selecting expert
+    outputs). Our op would need it written out first: a full extra write and read of the rows."""
+    node = rows
+    while isinstance(node, Node) and node.op == "call_function" and node.target in ORDER_PRESERVING:
+        if not single_user(node):
+            return False
+        node = node.args[0]
+    if not (isinstance(node, Node) and node.op == "call_function" and single_user(node)):
+        return False
+    return torch.Tag.pointwise in getattr(node.target, "tags", ())
+
+
 def as_gather(node: Node) -> Optional[Tuple[Node, Node, bool]]:
     """(source, index, wraps) if node is ``source[index]`` (wraps=True: negative entries count from the
     end) or ``source.index_select(0, index)`` (wraps=False: negative entries are an error), else None."""
