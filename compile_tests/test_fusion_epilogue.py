@@ -122,3 +122,61 @@ def test_consumer_left_alone(name):
     launches = kernel_launches("\n".join(codes))
     assert launches["generated"] >= 1, launches
     torch.testing.assert_close(out.float(), fn(x, idx, w, r).float(), atol=0.07, rtol=0.02)
+
+
+# ------------------------------------------------------------------------------------------------
+# HF transformers' grouped_mm experts (transformers/integrations/moe.py, 5.17 and 5.24): the expert
+# output is sorted by expert, weighted per row, un-permuted by a scattered inverse permutation and
+# summed; 5.17 (and 5.24 under expert parallelism) first zeroes sentinel rows with masked_fill. The
+# decoder layer then adds the residual to ``out.reshape(b, s, h)``.
+# ------------------------------------------------------------------------------------------------
+HF_TOPK = 4
+
+
+def hf_grouped_mm_combine(proj_out, top_k_weights, perm, residual, sentinel_mask=None):
+    if sentinel_mask is not None:
+        proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
+    sample_weights_g = top_k_weights.reshape(-1)[perm]
+    weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
+    weighted_out = weighted_out[inv_perm]
+    num_tokens = top_k_weights.shape[0]
+    final = weighted_out.view(num_tokens, HF_TOPK, proj_out.shape[-1]).sum(dim=1)
+    return residual + final.to(residual.dtype).reshape(1, num_tokens, -1)
+
+
+@pytest.mark.parametrize("sentinel", [False, True], ids=["transformers-5.24", "transformers-5.17-sentinel-mask"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_hf_grouped_mm_combine_is_one_launch(sentinel, dynamic):
+    m, dtype = 6, torch.bfloat16
+    g = torch.Generator().manual_seed(3)
+    s = m * HF_TOPK
+    proj_out = torch.randn(s, K, generator=g).to(dtype)
+    weights = torch.rand(m, HF_TOPK, generator=g).to(dtype)
+    perm = torch.randperm(s, generator=g)
+    residual = torch.randn(1, m, K, generator=g).to(dtype)
+    args = [proj_out, weights, perm, residual]
+    if sentinel:
+        mask = torch.zeros(s, 1, dtype=torch.bool)
+        mask[[2, 7]] = True
+        proj_out[[2, 7]] = float("nan")  # a sentinel row's garbage must not leak
+        args.append(mask)
+    out, codes = run_and_get_code(torch.compile(hf_grouped_mm_combine, dynamic=dynamic), *args)
+    stats = fused_moe_ops.fusion_stats()["by_pattern"]
+    assert stats == {"weighted_rows_sum": 1, "epilogue_add": 1}, stats
+    with_pass = kernel_launches("\n".join(codes))
+    # What is left besides the op: the inverse permutation's scatter and the weights' gather, which
+    # feed the op and which Inductor computes with or without the pass.
+    assert with_pass["op"] == 1 and with_pass["generated"] <= 1, with_pass
+    eager = hf_grouped_mm_combine(*args)
+    assert not out.isnan().any()
+    ref = hf_grouped_mm_combine(*[a.double() if a.is_floating_point() else a for a in args])
+    err, err_eager = (out.double() - ref).abs().max(), (eager.double() - ref).abs().max()
+    assert err <= err_eager + 2 ** -6 * ref.abs().max(), (err, err_eager)
+
+    torch._dynamo.reset()
+    with fused_moe_ops.disable_fusion():
+        _, plain = run_and_get_code(torch.compile(hf_grouped_mm_combine, dynamic=dynamic), *args)
+    without = kernel_launches("\n".join(plain))
+    assert with_pass["generated"] + with_pass["op"] <= max(without["generated"], 1) + 1, (with_pass, without)

@@ -116,6 +116,7 @@ struct CombineOptions {
   bool factors_per_row = false;     // factors is (R,): slot (i, j) uses factors[p], p its (wrapped) row
   float scale = 1.f;                // out = scale * sum + addend, in float32, rounded once
   std::optional<at::Tensor> addend;  // (M, K), last dimension dense, any row stride (0: broadcast)
+  std::optional<at::Tensor> row_mask;  // bool (R,): a row whose entry is true contributes nothing
 };
 
 C10_HOST_DEVICE inline float round_factor(float w, int64_t mode) {
@@ -177,6 +178,14 @@ inline CombineShape check_fused_args(const at::Tensor& input, const std::optiona
                 FMO_PREFIX "addend must have dtype float32, float16, bfloat16, got ", dtype_str(a.scalar_type()));
     TORCH_CHECK(a.device() == input.device(), FMO_PREFIX "addend must be on the same device as input (",
                 input.device(), "), got ", a.device());
+  }
+  if (o.row_mask.has_value()) {
+    const at::Tensor& r = *o.row_mask;
+    TORCH_CHECK(r.scalar_type() == at::kBool && r.dim() == 1 && r.size(0) == s.rows,
+                FMO_PREFIX "row_mask must be a 1-D bool tensor of input.shape[0] = ", s.rows, " entries, got ",
+                dtype_str(r.scalar_type()), " of shape ", shape_str(r));
+    TORCH_CHECK(r.device() == input.device(), FMO_PREFIX "row_mask must be on the same device as input (",
+                input.device(), "), got ", r.device());
   }
   return s;
 }
@@ -286,13 +295,14 @@ template <CombineFn combine>
 at::Tensor shuffle_mul_sum_fused(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
                                  const at::Tensor& factors, std::optional<at::ScalarType> out_dtype,
                                  int64_t negative_index, int64_t factor_round, double scale,
-                                 const std::optional<at::Tensor>& addend) {
+                                 const std::optional<at::Tensor>& addend, const std::optional<at::Tensor>& row_mask) {
   CombineOptions o;
   o.negative_index = negative_index;
   o.factor_round = factor_round;
   o.factors_per_row = factors.dim() == 1;
   o.scale = static_cast<float>(scale);
   o.addend = addend;
+  o.row_mask = row_mask;
   const CombineShape s = check_fused_args(input, permutation, factors, out_dtype, o);
   at::Tensor out = at::empty({s.m, s.k}, input.options().dtype(out_dtype.value_or(input.scalar_type())));
   combine_into<combine>(input, permutation, factors, s, o, out);

@@ -98,6 +98,8 @@ struct Args {
   bool factors_per_row;  // factors[p * factor_stride0]
   float scale;
   const void* addend;    // nullptr: none
+  const bool* row_mask;  // nullptr: none; true: the row contributes nothing
+  int64_t row_mask_stride;
   at::ScalarType addend_type;
   int64_t addend_row_stride;
 };
@@ -110,9 +112,10 @@ inline int64_t perm_at(const Args& a, int64_t pos) {
 
 // The row slot `pos` reads, or -1 for none (the range was checked before: check_permutation_range).
 inline int64_t source_row(const Args& a, int64_t pos) {
-  const int64_t p = perm_at(a, pos);
-  if (p >= 0) return p;
-  return a.negative_index == kWrapNegative ? p + a.rows : -1;
+  int64_t p = perm_at(a, pos);
+  if (p < 0) p = a.negative_index == kWrapNegative ? p + a.rows : -1;
+  if (p >= 0 && a.row_mask != nullptr && a.row_mask[p * a.row_mask_stride]) return -1;
+  return p;
 }
 
 // Out = scale * acc + addend, still in float32.
@@ -253,6 +256,10 @@ void combine_cpu(const at::Tensor& input, const std::optional<at::Tensor>& permu
   a.factor_round = o.factor_round;
   a.factors_per_row = o.factors_per_row;
   a.scale = o.scale;
+  if (o.row_mask.has_value()) {
+    a.row_mask = o.row_mask->data_ptr<bool>();
+    a.row_mask_stride = o.row_mask->stride(0);
+  }
   if (o.addend.has_value()) {
     a.addend = o.addend->data_ptr();
     a.addend_type = o.addend->scalar_type();

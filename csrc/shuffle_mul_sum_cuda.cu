@@ -68,6 +68,8 @@ struct Params {
   int factor_round;          // FactorRound
   float scale;
   const void* addend;        // nullptr: none; (M, K), last dim dense
+  const bool* row_mask;      // nullptr: none; true: the row contributes nothing
+  int64_t row_mask_stride;
   int addend_kind;
   int64_t addend_row_stride;
   bool addend_vec;           // addend has the input's dtype and allows the VEC-wide load
@@ -110,6 +112,7 @@ __device__ __forceinline__ void stage_slots(const Params& P, int64_t i, int64_t 
       } else if (p < 0 && P.negative_index == kWrapNegative) {
         p += P.rows;
       }
+      if (p >= 0 && P.row_mask != nullptr && P.row_mask[p * P.row_mask_stride]) p = -1;
       if (p >= 0) {
         if (P.factors_per_row) w = load_float(P.factors, P.factor_kind, p * P.factor_stride0);
         w = round_factor(w, P.factor_round);
@@ -296,6 +299,10 @@ void combine_cuda(const at::Tensor& input, const std::optional<at::Tensor>& perm
   P.negative_index = static_cast<int>(o.negative_index);
   P.factor_round = static_cast<int>(o.factor_round);
   P.scale = o.scale;
+  if (o.row_mask.has_value()) {
+    P.row_mask = o.row_mask->data_ptr<bool>();
+    P.row_mask_stride = o.row_mask->stride(0);
+  }
   if (o.addend.has_value()) {
     P.addend = o.addend->data_ptr();
     P.addend_kind = float_kind(o.addend->scalar_type());

@@ -47,11 +47,13 @@ OUT_SCHEMA = (
 #                   (wrapped) row p (weights applied before the gather); then permutation is (M, topk)
 #   scale, addend   out = scale * sum + addend, in float32, rounded once; addend broadcastable to
 #                   (M, K), or with more than 2 dims M*K elements in (M, K) order; any float dtype
+#   row_mask        bool (R,): a row whose entry is true contributes nothing (a row masked to zero
+#                   before the combine, as HF transformers masks its sentinel rows), NaN/inf included
 # A 2-D permutation must be (M, topk); it is read row-major.
 FUSED_OP_NAME = "_shuffle_mul_sum_fused"
 FUSED_SCHEMA = (
     f"{FUSED_OP_NAME}(Tensor input, Tensor? permutation, Tensor factors, ScalarType? out_dtype=None, "
-    "int negative_index=0, int factor_round=0, float scale=1.0, Tensor? addend=None) -> Tensor"
+    "int negative_index=0, int factor_round=0, float scale=1.0, Tensor? addend=None, Tensor? row_mask=None) -> Tensor"
 )
 SKIP_NEGATIVE, WRAP_NEGATIVE, NEGATIVE_IS_ERROR = 0, 1, 2
 FACTOR_ROUND = {None: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -167,7 +169,8 @@ def addend_as_rows(addend: Tensor, m, k) -> Tensor:
 
 
 def check_fused_args(input: Tensor, permutation: Optional[Tensor], factors: Tensor, out_dtype: Optional[torch.dtype],
-                     negative_index: int, factor_round: int, addend: Optional[Tensor]) -> tuple:
+                     negative_index: int, factor_round: int, addend: Optional[Tensor],
+                     row_mask: Optional[Tensor] = None) -> tuple:
     """Validate the internal op's arguments; return (M, topk, K). Same rules and messages as
     csrc/shuffle_mul_sum.h's check_fused_args."""
     p = "moe::shuffle_mul_sum: "
@@ -198,13 +201,19 @@ def check_fused_args(input: Tensor, permutation: Optional[Tensor], factors: Tens
                      lambda: f"{p}addend must have dtype {_names(FLOAT_DTYPES)}, got {addend.dtype}")
         torch._check(addend.device == input.device,
                      lambda: f"{p}addend must be on the same device as input ({input.device}), got {addend.device}")
+    if row_mask is not None:
+        torch._check(row_mask.dtype == torch.bool and row_mask.dim() == 1 and row_mask.shape[0] == input.shape[0],
+                     lambda: f"{p}row_mask must be a 1-D bool tensor of input.shape[0] = {input.shape[0]} entries, "
+                     f"got {row_mask.dtype} of shape {tuple(row_mask.shape)}")
+        torch._check(row_mask.device == input.device,
+                     lambda: f"{p}row_mask must be on the same device as input ({input.device}), got {row_mask.device}")
     return m, topk, k
 
 
 @torch.library.register_fake(f"{NAMESPACE}::{FUSED_OP_NAME}")
 def _shuffle_mul_sum_fused_fake(input, permutation, factors, out_dtype=None, negative_index=0, factor_round=0,
-                                scale=1.0, addend=None):
-    m, _, k = check_fused_args(input, permutation, factors, out_dtype, negative_index, factor_round, addend)
+                                scale=1.0, addend=None, row_mask=None):
+    m, _, k = check_fused_args(input, permutation, factors, out_dtype, negative_index, factor_round, addend, row_mask)
     return input.new_empty((m, k), dtype=out_dtype if out_dtype is not None else input.dtype)
 
 

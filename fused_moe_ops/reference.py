@@ -85,17 +85,24 @@ def shuffle_mul_sum_fused_reference(
     factor_round: int = 0,
     scale: float = 1.0,
     addend: Optional[Tensor] = None,
+    row_mask: Optional[Tensor] = None,
     *,
     acc_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """The internal op ``moe::_shuffle_mul_sum_fused`` (ops.py: FUSED_SCHEMA) in plain PyTorch:
     ``scale * sum + addend`` accumulated in ``acc_dtype`` and rounded once."""
-    m, topk, k = check_fused_args(input, permutation, factors, out_dtype, negative_index, factor_round, addend)
+    m, topk, k = check_fused_args(input, permutation, factors, out_dtype, negative_index, factor_round, addend,
+                                  row_mask)
     rows = input.shape[0]
     flat = None if permutation is None else permutation.reshape(-1)
     check_permutation_range(flat, rows, negative_index)
     if flat is not None and negative_index == WRAP_NEGATIVE:
         flat = torch.where(flat < 0, flat + rows, flat)
+    if row_mask is not None:  # a masked row is skipped like a negative entry
+        if flat is None:
+            flat = torch.arange(m * topk, device=input.device)
+        masked = (flat >= 0) & row_mask[flat.clamp(min=0)] if rows else torch.zeros_like(flat, dtype=torch.bool)
+        flat = torch.where(masked, -1, flat)
     if factors.dim() == 1:  # per input row: follow the permutation (skipped slots read row 0, unused)
         factors = factors[flat.clamp(min=0).long()].view(m, topk) if rows else factors.new_zeros(m, topk)
     if factor_round:

@@ -117,9 +117,9 @@ if triton is not None:
     @_autotune(configs=_configs(), key=["K", "TOPK_BLOCK", "M_CLASS"])
     @triton.jit(debug=True)
     def _shuffle_mul_sum_kernel(
-        in_ptr, perm_ptr, fac_ptr, out_ptr, add_ptr,
+        in_ptr, perm_ptr, fac_ptr, out_ptr, add_ptr, mask_ptr,
         R, K, TOPK,
-        stride_in, stride_perm, stride_f0, stride_f1, stride_out, stride_add,
+        stride_in, stride_perm, stride_f0, stride_f1, stride_out, stride_add, stride_mask,
         scale,
         M_CLASS,
         HAS_PERM: tl.constexpr,
@@ -128,6 +128,7 @@ if triton is not None:
         FACTORS_PER_ROW: tl.constexpr,  # factors[p] instead of factors[i, j]
         HAS_SCALE: tl.constexpr,
         HAS_ADDEND: tl.constexpr,
+        HAS_ROW_MASK: tl.constexpr,     # mask[p] true: row p contributes nothing
         TOPK_BLOCK: tl.constexpr,       # slots loaded per step: any topk, bounded registers
         ROUND_BF16_RNE: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -155,6 +156,9 @@ if triton is not None:
                 tl.device_assert(((p < R) & (p >= 0)) | ~j_ok,
                                  "moe::shuffle_mul_sum: permutation entry outside [0, input.shape[0])")
             live = j_ok & (p >= 0) & (p < R)  # negative entries contribute nothing
+            if HAS_ROW_MASK:
+                masked = tl.load(mask_ptr + tl.where(live, p, 0) * stride_mask, mask=live, other=0).to(tl.int1)
+                live = live & ~masked
             if FACTORS_PER_ROW:
                 w = tl.load(fac_ptr + p * stride_f0, mask=live, other=0.0).to(tl.float32)
             else:
@@ -191,7 +195,8 @@ def _next_pow2(n: int) -> int:
 
 
 def _launch(input: Tensor, permutation: Optional[Tensor], factors: Tensor, dst: Tensor, m: int, topk: int, k: int,
-            negative_index: int = 0, factor_round: int = 0, scale: float = 1.0, addend: Optional[Tensor] = None):
+            negative_index: int = 0, factor_round: int = 0, scale: float = 1.0, addend: Optional[Tensor] = None,
+            row_mask: Optional[Tensor] = None):
     """Write the result into ``dst`` ((M, K), last dim dense). No host synchronisation.
     ``permutation`` is 1-D; ``factors`` (M, topk), or (R,) per input row."""
     if m == 0 or k == 0:
@@ -221,10 +226,12 @@ def _launch(input: Tensor, permutation: Optional[Tensor], factors: Tensor, dst: 
     _shuffle_mul_sum_kernel[grid](
         input, permutation if permutation is not None else input, factors, dst,
         addend if addend is not None else dst,
+        row_mask if row_mask is not None else dst,
         rows, k, topk,
         input.stride(0), permutation.stride(0) if permutation is not None else 0,
         factors.stride(0), 0 if per_row else factors.stride(1), dst.stride(0),
         addend.stride(0) if addend is not None else 0,
+        row_mask.stride(0) if row_mask is not None else 0,
         float(scale),
         _m_class(m),
         HAS_PERM=permutation is not None,
@@ -233,6 +240,7 @@ def _launch(input: Tensor, permutation: Optional[Tensor], factors: Tensor, dst: 
         FACTORS_PER_ROW=per_row,
         HAS_SCALE=scale != 1.0,
         HAS_ADDEND=addend is not None,
+        HAS_ROW_MASK=row_mask is not None,
         TOPK_BLOCK=min(_next_pow2(max(topk, 1)), MAX_TOPK_BLOCK),
         ROUND_BF16_RNE=INTERPRET and dst.dtype == torch.bfloat16,
     )
@@ -274,11 +282,13 @@ def shuffle_mul_sum_triton_out(input: Tensor, permutation: Optional[Tensor], fac
 def shuffle_mul_sum_fused_triton(
     input: Tensor, permutation: Optional[Tensor], factors: Tensor, out_dtype: Optional[torch.dtype] = None,
     negative_index: int = 0, factor_round: int = 0, scale: float = 1.0, addend: Optional[Tensor] = None,
+    row_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """The internal op ``moe::_shuffle_mul_sum_fused`` (ops.py: FUSED_SCHEMA) on the Triton kernel."""
-    m, topk, k = check_fused_args(input, permutation, factors, out_dtype, negative_index, factor_round, addend)
+    m, topk, k = check_fused_args(input, permutation, factors, out_dtype, negative_index, factor_round, addend,
+                                  row_mask)
     out = torch.empty((m, k), dtype=out_dtype if out_dtype is not None else input.dtype, device=input.device)
     _check_usable()
     _launch(input, None if permutation is None else permutation.reshape(-1), factors, out, m, topk, k,
-            negative_index, factor_round, scale, addend)
+            negative_index, factor_round, scale, addend, row_mask)
     return out

@@ -12,6 +12,9 @@ from typing import NamedTuple, Optional
 import pytest
 import torch
 
+if __name__ == "__main__":  # the Triton worker (below): load the test helpers pytest would
+    import conftest  # noqa: F401  (registers _moe_testlib)
+
 from _moe_testlib import (
     DEVICES, FLOAT_DTYPES, assert_unmodified, error_bound, gen, make_factors, make_input, poison_allocator, seed_of,
     snapshot, to_device,
@@ -36,6 +39,8 @@ class Spec(NamedTuple):
     addend: Optional[str] = None  # None | "same" (M, K) input dtype | "f32-bias" (K,) | "viewed" (1, M, K)
     index_dtype: torch.dtype = torch.int64
     row_pad: int = 0
+    row_mask: bool = False    # a bool (R,) mask; the masked rows hold NaN, which must not leak
+    identity: bool = False    # permutation None (R = M*topk)
 
 
 CASES = {
@@ -57,6 +62,9 @@ CASES = {
     "K-odd-scalar-path": Spec(k=33, addend="same", scale=3.0),
     "topk300-chunked": Spec(m=2, topk=300, k=40, addend="same"),
     "topk0-addend-only": Spec(topk=0, addend="same"),
+    "row-mask-nan-rows": Spec(row_mask=True),
+    "row-mask-per-row-factors-skip-mode": Spec(row_mask=True, per_row=True, negative_index=SKIP_NEGATIVE, addend="same"),
+    "row-mask-identity-permutation": Spec(row_mask=True, identity=True, addend="same", k=33),
 }
 
 
@@ -74,14 +82,22 @@ def _permutation(spec: Spec, rows: int, g: torch.Generator) -> torch.Tensor:
 
 def make_fused_case(spec: Spec, seed: int, device: str):
     g = gen(seed)
-    rows = spec.m * spec.topk + 3
+    rows = spec.m * spec.topk + (0 if spec.identity else 3)
     x = make_input(rows, spec.k, spec.dtype, g, row_pad=spec.row_pad)
-    p = _permutation(spec, rows, g)
+    p = None if spec.identity else _permutation(spec, rows, g)
     if spec.per_row:
         f = make_factors(1, rows, torch.float32, g).view(rows)
         p = p.view(spec.m, spec.topk)
     else:
         f = make_factors(spec.m, spec.topk, torch.float32, g)
+    mask = None
+    if spec.row_mask:
+        mask = torch.rand(rows, generator=g) < 0.3
+        mask[0] = True
+        if p is not None:
+            mask[int(p.reshape(-1)[0]) % rows] = True  # a masked row that is read
+        x = x.clone()
+        x[mask] = float("nan")  # skipped rows must not leak, even NaN
     a = None
     if spec.addend == "same":
         a = make_input(spec.m, spec.k, spec.dtype, g)
@@ -89,24 +105,25 @@ def make_fused_case(spec: Spec, seed: int, device: str):
         a = make_input(1, spec.k, torch.float32, g).view(spec.k)
     elif spec.addend == "viewed":
         a = make_input(spec.m, spec.k, spec.dtype, g).view(1, spec.m, spec.k)
-    return tuple(to_device(t, device) for t in (x, p, f, a))
+    return tuple(to_device(t, device) for t in (x, p, f, a, mask))
 
 
-def _call(spec: Spec, x, p, f, a, out_dtype=None):
-    return fused(x, p, f, out_dtype, spec.negative_index, FACTOR_ROUND[spec.rounding], spec.scale, a)
+def _call(spec: Spec, x, p, f, a, mask, out_dtype=None):
+    return fused(x, p, f, out_dtype, spec.negative_index, FACTOR_ROUND[spec.rounding], spec.scale, a, mask)
 
 
-def assert_fused_matches_reference(out, spec: Spec, x, p, f, a, out_dtype, what: str):
-    cpu = [None if t is None else t.cpu() for t in (x, p, f, a)]
+def assert_fused_matches_reference(out, spec: Spec, x, p, f, a, mask, out_dtype, what: str):
+    cpu = [None if t is None else t.cpu() for t in (x, p, f, a, mask)]
     mode = (spec.negative_index, FACTOR_ROUND[spec.rounding])
-    ref = shuffle_mul_sum_fused_reference(cpu[0], cpu[1], cpu[2], torch.float32, *mode, spec.scale, cpu[3],
+    ref = shuffle_mul_sum_fused_reference(cpu[0], cpu[1], cpu[2], torch.float32, *mode, spec.scale, cpu[3], cpu[4],
                                           acc_dtype=torch.float64).double()
     abs_sum = shuffle_mul_sum_fused_reference(
         cpu[0].abs(), cpu[1], cpu[2].abs(), torch.float32, *mode, abs(spec.scale),
-        None if cpu[3] is None else cpu[3].abs(), acc_dtype=torch.float64).double()
+        None if cpu[3] is None else cpu[3].abs(), cpu[4], acc_dtype=torch.float64).double()
     assert out.dtype == out_dtype and tuple(out.shape) == (spec.m, spec.k), (what, out.dtype, out.shape)
     got = out.cpu().double()
-    assert not torch.isnan(got).any(), f"{what}: NaN in the output (poison leaked)"
+    assert not torch.isnan(got).any(), f"{what}: NaN in the output (poison or a skipped row leaked)"
+    assert not torch.isnan(ref).any(), f"{what}: NaN in the reference"
     bound = error_bound(ref, abs_sum, max(spec.topk, 1) + 1, out_dtype)  # +1: the addend's add
     err = (got - ref).abs()
     assert (err <= bound).all(), f"{what}: worst err/bound {(err / bound).max().item():.3g}"
@@ -116,13 +133,14 @@ def assert_fused_matches_reference(out, spec: Spec, x, p, f, a, out_dtype, what:
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_matches_reference(device, name):
     spec = CASES[name]
-    x, p, f, a = make_fused_case(spec, seed_of("fused", name), device)
-    before = snapshot(x, p, f, a)
+    x, p, f, a, mask = make_fused_case(spec, seed_of("fused", name), device)
+    before = snapshot(x, p, f, a, mask)
     for out_dtype in (None, torch.float32):
         poison_allocator(spec.m * spec.k * 4, x.device)
-        out = _call(spec, x, p, f, a, out_dtype)
-        assert_fused_matches_reference(out, spec, x, p, f, a, out_dtype or spec.dtype, f"{name} out_dtype={out_dtype}")
-    assert_unmodified(before, x, p, f, a)
+        out = _call(spec, x, p, f, a, mask, out_dtype)
+        assert_fused_matches_reference(out, spec, x, p, f, a, mask, out_dtype or spec.dtype,
+                                       f"{name} out_dtype={out_dtype}")
+    assert_unmodified(before, x, p, f, a, mask)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -176,8 +194,10 @@ def test_fused_out_of_range_entry_raises(name):
     (lambda x, p, f: fused(x, p, f, None, 1, 0, 1.0, torch.randn(1, 2, 4)), "addend must broadcast to \\(M, K\\) = \\(2, 8\\) or, with more than 2 dimensions"),
     (lambda x, p, f: fused(x, p, f, None, 1, 0, 1.0, torch.randn(2, 8).int()), "addend must have dtype float32, float16, bfloat16, got torch.int32"),
     (lambda x, p, f: fused(x, p.view(1, 4), f, None, 1), "a 2-D permutation must have the factors' shape \\(M, topk\\) = \\(2, 2\\)"),
+    (lambda x, p, f: fused(x, p, f, None, 1, 0, 1.0, None, torch.zeros(4)), "row_mask must be a 1-D bool tensor of input.shape\\[0\\] = 4 entries, got torch.float32"),
+    (lambda x, p, f: fused(x, p, f, None, 1, 0, 1.0, None, torch.zeros(5, dtype=torch.bool)), "row_mask must be a 1-D bool tensor of input.shape\\[0\\] = 4 entries, got torch.bool of shape \\(5,\\)"),
 ], ids=["negative_index", "factor_round", "per-row-needs-2d-perm", "per-row-length", "addend-shape", "addend-3d-numel",
-        "addend-dtype", "2d-perm-shape"])
+        "addend-dtype", "2d-perm-shape", "row-mask-dtype", "row-mask-length"])
 @pytest.mark.parametrize("impl", ["kernel", "fake"])
 def test_fused_bad_arguments_name_the_argument(call, message, impl):
     x, p, f = torch.randn(4, 8), torch.tensor([0, 1, -1, 3]), torch.rand(2, 2)
@@ -194,16 +214,78 @@ def test_fused_bad_arguments_name_the_argument(call, message, impl):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_opcheck(device):
-    x, p, f, a = make_fused_case(Spec(addend="same", per_row=True, rounding=torch.bfloat16), 7, device)
-    torch.library.opcheck(fused, (x, p, f, None, WRAP_NEGATIVE, 2, 0.5, a),
+    x, p, f, a, mask = make_fused_case(Spec(addend="same", per_row=True, rounding=torch.bfloat16, row_mask=True), 7,
+                                       device)
+    torch.library.opcheck(fused, (x, p, f, None, WRAP_NEGATIVE, 2, 0.5, a, mask),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_fused_reference_fallback_agrees(dtype):
     """The Python reference (what serves a device without a kernel) computes what the kernel does."""
-    spec = Spec(dtype=dtype, per_row=True, rounding=torch.bfloat16, scale=1.5, addend="same")
-    x, p, f, a = make_fused_case(spec, 11, "cpu")
-    mode = (spec.negative_index, FACTOR_ROUND[spec.rounding], spec.scale, a)
-    out = shuffle_mul_sum_fused_reference(x, p, f, None, *mode)
-    assert_fused_matches_reference(out, spec, x, p, f, a, dtype, "reference")
+    spec = Spec(dtype=dtype, per_row=True, rounding=torch.bfloat16, scale=1.5, addend="same", row_mask=True)
+    x, p, f, a, mask = make_fused_case(spec, 11, "cpu")
+    out = shuffle_mul_sum_fused_reference(x, p, f, None, spec.negative_index, FACTOR_ROUND[spec.rounding], spec.scale,
+                                          a, mask)
+    assert_fused_matches_reference(out, spec, x, p, f, a, mask, dtype, "reference")
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton kernel, under Triton's CPU interpreter in a child process (TRITON_INTERPRET is read
+# when triton_kernel is imported; see tests/test_triton.py). Every case above except the widest.
+# ------------------------------------------------------------------------------------------------
+TRITON_CASES = [name for name, spec in CASES.items() if spec.k * spec.m * max(spec.topk, 1) <= 20000]
+
+
+def _triton_worker() -> None:
+    import json
+    import traceback
+
+    from fused_moe_ops.triton_kernel import shuffle_mul_sum_fused_triton
+
+    verdicts = {}
+    for name in TRITON_CASES:
+        spec = CASES[name]
+        try:
+            x, p, f, a, mask = make_fused_case(spec, seed_of("fused", name), "cpu")
+            out = shuffle_mul_sum_fused_triton(x, p, f, None, spec.negative_index, FACTOR_ROUND[spec.rounding],
+                                               spec.scale, a, mask)
+            assert_fused_matches_reference(out, spec, x, p, f, a, mask, spec.dtype, name)
+            verdicts[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported per case
+            verdicts[name] = traceback.format_exc(limit=3)
+    print("VERDICTS " + json.dumps(verdicts))
+
+
+_TRITON_VERDICTS = None
+
+
+def _triton_verdicts():
+    global _TRITON_VERDICTS
+    if _TRITON_VERDICTS is None:
+        import json
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        here = Path(__file__).resolve()
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+            [str(here.parents[1]), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, str(here), "--triton-worker"], env=env, capture_output=True,
+                              text=True, timeout=600)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("VERDICTS ")), None)
+        assert line is not None, f"triton worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        _TRITON_VERDICTS = json.loads(line[len("VERDICTS "):])
+    return _TRITON_VERDICTS
+
+
+@pytest.mark.parametrize("name", TRITON_CASES)
+def test_fused_triton_interpreter(name):
+    pytest.importorskip("triton")
+    verdict = _triton_verdicts()[name]
+    assert verdict == "ok", verdict
+
+
+if __name__ == "__main__" and "--triton-worker" in __import__("sys").argv:
+    _triton_worker()

@@ -11,7 +11,8 @@ from torch.fx import Node
 
 from . import _state
 from ..ops import FACTOR_ROUND, NEGATIVE_IS_ERROR, WRAP_NEGATIVE
-from ._match import CONVERT, NoMatch, aten, erase_dead, log, peel_factors, reshape_like, shape_str, static_int, tensor_val
+from ._match import (CONVERT, NoMatch, aten, erase_dead, fused_into_consumer_by_inductor, log, peel_factors,
+                     peel_row_mask, reshape_like, shape_str, static_int, tensor_val)
 
 PASS_NAME = "fused_moe_ops_shuffle_mul_sum"
 
@@ -35,13 +36,14 @@ def FUSED_COMBINE(
     out_dtype: torch.dtype,
     negative_index: int,
     rounding: Optional[torch.dtype] = None,
-    scale: float = 1.0,
-    addend: Optional[torch.Tensor] = None,
+    row_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The op call every replacement emits: ``moe._shuffle_mul_sum_fused`` with all eight arguments
-    positional (the epilogue patterns in epilogue.py match that form)."""
-    return _OP(x, permutation, factors, None if out_dtype == x.dtype else out_dtype, negative_index,
-               FACTOR_ROUND[rounding], scale, addend)
+    """The op call every replacement emits (``moe._shuffle_mul_sum_fused``); epilogue.py later folds
+    a consumer into its scale and addend."""
+    od = None if out_dtype == x.dtype else out_dtype
+    if row_mask is None:
+        return _OP(x, permutation, factors, od, negative_index, FACTOR_ROUND[rounding])
+    return _OP(x, permutation, factors, od, negative_index, FACTOR_ROUND[rounding], 1.0, None, row_mask.reshape(-1))
 
 
 def negative_index_of(wraps: bool) -> int:
@@ -100,6 +102,13 @@ def register(patterns: Sequence[Any], analyze: Callable[[Match], Any], rewrite: 
         except NoMatch as e:
             log.debug("fused_moe_ops: %s left alone: %s", match.output_node(), e)
             return False
+        rows, _, _ = peel_row_mask(plan.rows)
+        if fused_into_consumer_by_inductor(rows):
+            # Structural, so it holds for every token count: Inductor's own kernel reads the pointwise
+            # inputs directly; the op would add a write and a read of the whole (R, k) rows.
+            log.debug("fused_moe_ops: %s left alone: its rows are a pointwise result Inductor fuses into "
+                      "its own combine", match.output_node())
+            return False
         if AOTI_MISREADS_DTYPE_ARGS and plan.out_dtype != plan.rows_dtype and _aot_compiling():
             log.debug("fused_moe_ops: %s left alone: AOTInductor on torch %s cannot pass out_dtype=%s "
                       "to a custom op", match.output_node(), torch.__version__, plan.out_dtype)
@@ -147,6 +156,24 @@ def replace(
     )
 
 
+def replace_with_op(match: Match, name: str, plan: Plan, build: Callable[..., torch.Tensor], factors: Node,
+                    walked: Sequence[Node]) -> None:
+    """Trace ``build(x, index, factors, row_mask)`` (index / row_mask None where the plan has none)
+    over the plan's nodes and swap the matched subgraph for it. A row mask in front of the rows
+    (``where(mask, 0, z)``) becomes the op's row_mask."""
+    x, mask, masked = peel_row_mask(plan.rows)
+    nodes = {"x": x, "index": plan.index, "factors": factors, "row_mask": mask}
+    present = [key for key, node in nodes.items() if node is not None]
+
+    def replacement(*tensors):
+        t = dict.fromkeys(nodes)
+        t.update(zip(present, tensors))
+        return build(t["x"], t["index"], t["factors"], t["row_mask"])
+
+    replace(match, name, replacement, [nodes[key] for key in present], list(walked) + masked, rows=x,
+            index=plan.index, m=plan.m, topk=plan.topk, k=plan.k, out_dtype=plan.out_dtype)
+
+
 def rewrite_per_slot(match: Match, plan: Plan, name: str) -> None:
     """Replace a combine whose weights are per (token, slot), ``(m, topk)`` in some view: the op reads
     the weights' source and rounds as the graph did; negative index entries keep eager's meaning."""
@@ -154,15 +181,7 @@ def rewrite_per_slot(match: Match, plan: Plan, name: str) -> None:
     src, rounding, dims, chain = peel_factors(plan.weights, layout)
     out_dtype, negative_index = plan.out_dtype, negative_index_of(plan.wraps)
 
-    if plan.index is None:
-        def replacement(x, w):
-            return FUSED_COMBINE(x, None, reshape_like(w, layout, dims), out_dtype, negative_index, rounding)
+    def build(x, idx, w, row_mask):
+        return FUSED_COMBINE(x, idx, reshape_like(w, layout, dims), out_dtype, negative_index, rounding, row_mask)
 
-        args = [plan.rows, src]
-    else:
-        def replacement(x, idx, w):
-            return FUSED_COMBINE(x, idx, reshape_like(w, layout, dims), out_dtype, negative_index, rounding)
-
-        args = [plan.rows, plan.index, src]
-    replace(match, name, replacement, args, plan.walked + chain, rows=plan.rows, index=plan.index,
-            m=plan.m, topk=plan.topk, k=plan.k, out_dtype=out_dtype)
+    replace_with_op(match, name, plan, build, src, plan.walked + chain)

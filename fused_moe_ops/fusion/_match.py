@@ -188,6 +188,43 @@ def reshape_like(t: torch.Tensor, layout: Sequence[Any], dims: Sequence[int]) ->
     return t.reshape([1 if same(size, 1) else t.shape[next(sizes)] for size in layout])
 
 
+def is_zero_fill(node: Any) -> bool:
+    """A scalar 0 as a where() branch: the literal, or the 0-d ``full([], 0)`` that post-grad graphs hold."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return node == 0
+    return (isinstance(node, Node) and node.op == "call_function" and node.target is aten.full.default
+            and list(node.args[0]) == [] and node.args[1] == 0)
+
+
+def peel_row_mask(rows: Node) -> Tuple[Node, Optional[Node], List[Node]]:
+    """``where(mask, 0, z)`` with a per-row bool mask (R, 1) (``z.masked_fill(mask, 0)``: how HF
+    transformers zeroes its sentinel rows) -> (z, mask, walked); else (rows, None, []). The op skips
+    a masked row, so the masked tensor is never materialised. Lossless upcasts of z are peeled too."""
+    if not (isinstance(rows, Node) and rows.op == "call_function" and rows.target is aten.where.self):
+        return rows, None, []
+    cond, fill, z = rows.args
+    cv, rv = val(cond), tensor_val(rows)
+    if not (isinstance(cv, torch.Tensor) and cv.dtype == torch.bool and is_zero_fill(fill)
+            and same_shape(cv.shape, (rv.shape[0], 1))):
+        return rows, None, []
+    base, upcasts = peel_upcast(z)
+    return base, cond, [rows] + upcasts
+
+
+def fused_into_consumer_by_inductor(rows: Node) -> bool:
+    """Whether ``rows`` is a pointwise result read only by the combine (through views), which
+    Inductor computes inside its own combine kernel (e.g. a ``torch.where`` chain selecting expert
+    outputs). Our op would need it written out first: a full extra write and read of the rows."""
+    node = rows
+    while isinstance(node, Node) and node.op == "call_function" and node.target in ORDER_PRESERVING:
+        if not single_user(node):
+            return False
+        node = node.args[0]
+    if not (isinstance(node, Node) and node.op == "call_function" and single_user(node)):
+        return False
+    return torch.Tag.pointwise in getattr(node.target, "tags", ())
+
+
 def as_gather(node: Node) -> Optional[Tuple[Node, Node, bool]]:
     """(source, index, wraps) if node is ``source[index]`` (wraps=True: negative entries count from the
     end) or ``source.index_select(0, index)`` (wraps=False: negative entries are an error), else None."""

@@ -34,8 +34,9 @@ from ._match import (FLOAT_DTYPES, NoMatch, _reads_metadata_only, aten, log, req
 NAME_SCALE = "epilogue_scale"
 NAME_ADD = "epilogue_add"
 
-_ARGS = ("input", "permutation", "factors", "out_dtype", "negative_index", "factor_round", "scale", "addend")
-_DEFAULTS = (None, 0, 0, 1.0, None)  # of out_dtype .. addend: a traced call leaves trailing defaults out
+_ARGS = ("input", "permutation", "factors", "out_dtype", "negative_index", "factor_round", "scale", "addend",
+         "row_mask")
+_DEFAULTS = (None, 0, 0, 1.0, None, None)  # of out_dtype .. row_mask: a traced call leaves trailing defaults out
 
 
 def _full_args(op: Node) -> list:

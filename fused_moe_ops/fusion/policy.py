@@ -22,7 +22,9 @@ def should_rewrite(
     Python int, or ``None`` when that size is symbolic, e.g. the token count under dynamic shapes) and
     the dtype of the gathered rows.
 
-    Always True. Every kernel takes any topk, so nothing is a hard limit. The rewritten graph launches
+    Always True. Every kernel takes any topk, so nothing is a hard limit. What is not worth rewriting
+    at any size is decided structurally before this hook (a combine whose rows are a pointwise result
+    Inductor would compute inside its own kernel is left alone). The rewritten graph launches
     one kernel for the combine and nothing that only feeds it. The index wrap, the factors' rounding,
     a per-row factor gather, and a following scale or add are all arguments of the op, so the pass
     never adds a launch to Inductor's graph; on CPU the op beats Inductor's generated code at every

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg, Match
 
-from ._common import FUSED_COMBINE, RESHAPES, Plan, negative_index_of, register, replace, sum_dim1
+from ._common import FUSED_COMBINE, RESHAPES, Plan, negative_index_of, register, replace_with_op, sum_dim1
 from ._match import (
     CONVERT,
     FLOAT_DTYPES,
@@ -110,20 +110,14 @@ def rewrite(match: Match, plan: Plan) -> None:
     per_row = (tensor_val(plan.rows).shape[0],)
     src, rounding, dims, chain = peel_factors(plan.weights, per_row)
 
-    if plan.index is None:  # no gather: a row's factor is its slot's
-        def replacement(y, w):
-            factors = reshape_like(w, per_row, dims).reshape(-1, topk)
-            return FUSED_COMBINE(y, None, factors, out_dtype, negative_index, rounding)
+    def build(y, idx, w, row_mask):
+        factors = reshape_like(w, per_row, dims)
+        if idx is None:  # no gather: a row's factor is its slot's
+            return FUSED_COMBINE(y, None, factors.reshape(-1, topk), out_dtype, negative_index, rounding, row_mask)
+        # per-row factors, read by the kernel through the (wrapped) permutation, given as (m, topk)
+        return FUSED_COMBINE(y, idx.view(-1, topk), factors, out_dtype, negative_index, rounding, row_mask)
 
-        args = [plan.rows, src]
-    else:  # per-row factors, read by the kernel through the (wrapped) permutation, given as (m, topk)
-        def replacement(y, idx, w):
-            factors = reshape_like(w, per_row, dims)
-            return FUSED_COMBINE(y, idx.view(-1, topk), factors, out_dtype, negative_index, rounding)
-
-        args = [plan.rows, plan.index, src]
-    replace(match, NAME, replacement, args, plan.walked + chain, rows=plan.rows, index=plan.index,
-            m=plan.m, topk=plan.topk, k=plan.k, out_dtype=out_dtype)
+    replace_with_op(match, NAME, plan, build, src, plan.walked + chain)
 
 
 register(PATTERNS, analyze, rewrite)
