@@ -180,3 +180,37 @@ def test_hf_grouped_mm_combine_is_one_launch(sentinel, dynamic):
         _, plain = run_and_get_code(torch.compile(hf_grouped_mm_combine, dynamic=dynamic), *args)
     without = kernel_launches("\n".join(plain))
     assert with_pass["generated"] + with_pass["op"] <= max(without["generated"], 1) + 1, (with_pass, without)
+
+
+class SharedExpertAfterCombine(torch.nn.Module):
+    """Qwen2-MoE's order: the routed combine first, then the gated shared expert, then their sum. The
+    addend is computed after the op, so folding it moves the op down to the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = torch.nn.Linear(K, K)
+        self.gate = torch.nn.Linear(K, 1)
+
+    def forward(self, x, idx, w, h):
+        from fusion_cases import seed
+
+        routed = seed(x, idx, w)
+        shared = torch.sigmoid(self.gate(h)) * self.shared(h)
+        return routed + shared
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_shared_expert_computed_after_the_combine_folds(dynamic):
+    from fusion_cases import BY_NAME
+
+    torch.manual_seed(0)
+    model = SharedExpertAfterCombine()
+    x, idx, w = make_inputs(BY_NAME["seed"], M, torch.float32)
+    h = torch.randn(M, K)
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(model, dynamic=dynamic), x, idx, w, h)
+        eager = model(x, idx, w, h)
+    assert fused_moe_ops.fusion_stats()["by_pattern"] == {"gather_mul_sum": 1, "epilogue_add": 1}
+    # the op, and the gated shared expert's pointwise kernel (its GEMMs are extern calls)
+    assert kernel_launches("\n".join(codes))["op"] == 1
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)

@@ -100,13 +100,25 @@ def _fold_add(op: Node, args: list, produced: Node, consumer: Node) -> None:
         pv = tensor_val(produced)
         require(pv.dim() > 2 and same_shape(av.shape, pv.shape) and same(pv.shape[-1], k),
                 "the addend is not the viewed result's shape")
+    if _after(a, op):
+        # The addend is computed after the op (a shared expert): move the op, and its view, to just
+        # before the add. Their inputs all come before it; nothing else may read them in between.
+        require(all(len(n.users) == 1 for n in {op, produced}), "the op's result has metadata users")
+        consumer.prepend(op)
+        if produced is not op:
+            consumer.prepend(produced)
     args[_ARGS.index("addend")] = a
     _set_args(op, args)
-    # The addend may be computed after the op (a shared expert): move the op, and its view, to just
-    # before the add; their inputs all come before it.
-    consumer.prepend(op)
-    if produced is not op:
-        consumer.prepend(produced)
+
+
+def _after(a: Node, b: Node) -> bool:
+    """Whether node ``a`` comes after node ``b`` in the graph."""
+    for n in a.graph.nodes:
+        if n is b:
+            return True
+        if n is a:
+            return False
+    return False
 
 
 def _fold_one(op: Node) -> Optional[str]:
