@@ -158,7 +158,18 @@ def main(argv=None) -> int:
     if args.dtype.lower() not in DTYPES:
         print(f"benchmark: --dtype must be one of {', '.join(sorted(DTYPES))}, got {args.dtype!r}", file=sys.stderr)
         return 2
+    for flag, values in (("--topk", args.topk), ("--k", args.k), ("--m", args.m), ("--model-m", args.model_m)):
+        if values is not None and (not values or min(values) < 1):
+            print(f"benchmark: {flag} must be a comma list of integers >= 1, got {values}", file=sys.stderr)
+            return 2
     dtype = DTYPES[args.dtype.lower()]
+    model_names, models_skipped = [], {}
+    if args.model:
+        try:
+            model_names, models_skipped = available_model_set(args.model_set)
+        except ValueError as e:
+            print(f"benchmark: {e}", file=sys.stderr)
+            return 2
     # The pass must really run (or really not) on every compile: no FX graph cache hits across
     # the with / without variants. Generated kernels are still cached on disk by source.
     torch._inductor.config.fx_graph_cache = False
@@ -172,7 +183,7 @@ def main(argv=None) -> int:
     result = {"machine": info, "device": device, "dtype": str(dtype).replace("torch.", ""), "args": vars(args)}
 
     if args.model:
-        run_models(args, device, dtype, label, result)
+        run_models(args, device, dtype, label, result, model_names, models_skipped)
     else:
         run_sweep(args, device, dtype, label, info, result)
     if hasattr(os, "getloadavg"):
@@ -187,17 +198,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_models(args, device, dtype, label, result) -> None:
+def run_models(args, device, dtype, label, result, names, skipped) -> None:
     if args.model_hidden is None:
         args.model_hidden = 2048 if device == "cuda" else 512
     if args.model_inter is None:
         args.model_inter = 1024 if device == "cuda" else 256
     ms = args.model_m or (GPU_DEFAULT_MODEL_M if device == "cuda" else CPU_DEFAULT_MODEL_M)
-    try:
-        names, skipped = available_model_set(args.model_set)
-    except ValueError as e:
-        print(f"benchmark: {e}", file=sys.stderr)
-        raise SystemExit(2)
     for n, why in skipped.items():
         print(f"# model {n}: skipped ({why})")
     print(f"# compiled model comparison on {label}, {result['dtype']}: {', '.join(names)}; tokens {ms}; "

@@ -84,8 +84,8 @@ def count_launches(codes: Sequence[str]) -> Optional[Dict[str, int]]:
     if not codes:
         return None
     generated = extern = 0
-    pattern = re.compile(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+\.\w+)\(",
-                         re.M)
+    pattern = re.compile(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+\.\w+)"
+                         r"(?:\.run)?\(", re.M)
     for code in codes:
         body = code[code.find("def call("):] if "def call(" in code else code
         for name in pattern.findall(body):
