@@ -212,7 +212,18 @@ def run_models(args, device, dtype, label, result, names, skipped) -> None:
           f"{'full widths' if device == 'cuda' else 'tiny widths'}; "
           + ("CPU: interleaved rounds, median" if device == "cpu" else
              f"CUDA graphs (interleaved replays) for tokens <= {args.graph_max_m}"))
-    rows = bench_models(device, dtype, ms, names, args)
+    print(report.MODEL_HEADER + "\n" + "-" * len(report.MODEL_HEADER), flush=True)
+    done = []
+
+    def on_row(row):  # progress, and partial results that survive a timeout
+        done.append(row)
+        report.print_model([row], header=False)
+        sys.stdout.flush()
+        if args.json_path:
+            report.write_json(args.json_path, dict(result, model_rows=done, partial=True))
+
+    rows = bench_models(device, dtype, ms, names, args, on_row=on_row)
+    print("# all rows:")
     report.print_model(rows)
     result["model_rows"] = rows
     result["models_skipped"] = skipped

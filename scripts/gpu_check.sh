@@ -9,9 +9,10 @@
 #   env       versions, nvidia-smi, `python -m fused_moe_ops --json` (which kernel serves CUDA and why)
 #   build     python -m fused_moe_ops.build --verbose   (JIT build of the CPU + CUDA kernels, no network)
 #   tests     pytest -m "cuda and not slow" tests        (CUDA-marked tests: test_op.py, test_triton.py, ...)
-#   bench     python -m fused_moe_ops.benchmark --device cuda   (the sweep: bf16, topk 8, K 4096/7168,
-#             M 1..16384; eager / inductor / inductor+pass / cuda / triton / copy)
-#   model     python -m fused_moe_ops.benchmark --device cuda --model  (compiled MoE block with vs without the pass)
+#   bench     python -m fused_moe_ops.benchmark --device cuda --grid issue8  (the sweep: bf16, topk 8/2,
+#             K 7168/4096, M 1..16384; inductor / inductor+pass / cuda / copy, all CUDA-graph replays)
+#   model     python -m fused_moe_ops.benchmark --device cuda --model  (Qwen3-MoE, Qwen2-MoE, TinyMoE compiled
+#             with vs without the pass)
 #   memcheck  compute-sanitizer --tool memcheck on the CUDA tests (not the `slow` ones), after the
 #             measurements so they come first when time is short
 #   slowtests pytest -m "cuda and slow" tests (AOTInductor on CUDA, int64 offsets, reduce-overhead),
@@ -105,7 +106,7 @@ envinfo() {
   "$PY" - <<'EOF'
 import importlib, platform, sys
 print("python", platform.python_version(), sys.executable)
-for mod in ("torch", "triton", "pytest", "hypothesis", "expecttest", "numpy", "matplotlib"):
+for mod in ("torch", "triton", "transformers", "pytest", "hypothesis", "expecttest", "numpy", "matplotlib"):
     try:
         m = importlib.import_module(mod)
         print(f"{mod} {getattr(m, '__version__', '?')}")
@@ -146,13 +147,17 @@ else
     --junitxml="$LOGS/junit_tests.xml"
 
   # ---- benchmarks ------------------------------------------------------------------------------
-  # K 7168 first, the large-M (bandwidth target) and small-M (latency target) shapes first: a sweep
-  # cut short by its timeout still leaves the rows that matter in the (incrementally written) JSON.
-  step bench 130 50 "$PY" -m fused_moe_ops.benchmark --device cuda --budget 0.05 \
-    --k 7168,4096 --m 4096,16384,1,64,8,512 \
+  # Issue 8's grid (--grid issue8): pass vs no pass at every M in 1..16384, K 7168/4096, topk 8/2, bf16,
+  # every shape as CUDA-graph replays (interleaved between implementations), with the with/without
+  # ratios and the raw per-shape times ("shapes") in the JSON. topk 8 and K 7168 first: a sweep cut
+  # short by its timeout still leaves those rows in the (incrementally written) JSON.
+  step bench 150 50 "$PY" -m fused_moe_ops.benchmark --device cuda --grid issue8 \
     --json "$OUT/bench_gpu.json" --plot "$OUT/bench_gpu.png"
-  step model 45 25 "$PY" -m fused_moe_ops.benchmark --device cuda --model --model-m 4096,64,1 --budget 0.05 \
-    --json "$OUT/model_gpu.json"
+  # Whole models with vs without the pass (issue 8 item 6): Qwen3-MoE and Qwen2-MoE at full widths
+  # (2 layers of transformers' own classes, random weights; skipped without transformers), then
+  # TinyMoE; CUDA graphs, interleaved replays; rows written to the JSON as they finish.
+  step model 150 25 "$PY" -m fused_moe_ops.benchmark --device cuda --model --model-set qwen3_moe,qwen2_moe,tiny \
+    --model-m 4096,512,64,8,1 --json "$OUT/model_gpu.json"
   # ---- memcheck --------------------------------------------------------------------------------
   if command -v compute-sanitizer >/dev/null 2>&1 || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ]; then
     CS=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")

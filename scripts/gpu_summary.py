@@ -52,18 +52,21 @@ def main(argv):
           + ("  [PARTIAL: sweep timed out]" if bench.get("partial") else ""))
         p(f"backends: {m.get('backends')}  fusion pass: {m.get('fusion_api')}")
         rows = bench.get("rows", [])
-        shapes = sorted({(r["K"], r["M"]) for r in rows})
-        impls = ["cuda", "triton", "inductor", "inductor+pass", "eager", "copy"]
-        p(f"{'K':>5}{'M':>7}" + "".join(f"{i:>14}" for i in impls) + f"{'cuda %copy':>11}")
-        for k, mm in shapes:
-            by = {r["impl"]: r for r in rows if r["K"] == k and r["M"] == mm}
+        shapes = sorted({(r.get("topk", 8), r["K"], r["M"]) for r in rows})
+        impls = [i for i in ["cuda", "triton", "inductor", "inductor+pass", "eager", "copy"]
+                 if any(r["impl"] == i for r in rows)]
+        p(f"{'topk':>5}{'K':>6}{'M':>7}" + "".join(f"{i:>14}" for i in impls) + f"{'with/without':>13}{'cuda %copy':>11}")
+        for topk, k, mm in shapes:
+            by = {r["impl"]: r for r in rows if r.get("topk", 8) == topk and r["K"] == k and r["M"] == mm}
             cells = []
             for i in impls:
                 r = by.get(i)
                 cells.append(f"{_t(r.get('time_s')) if r else '-':>14}" if not (r and r.get("mismatch"))
                              else f"{'MISMATCH':>14}")
+            ww = by.get("inductor+pass", {}).get("x_inductor")
             pc = by.get("cuda", {}).get("pct_copy")
-            p(f"{k:>5}{mm:>7}" + "".join(cells) + f"{(f'{pc:.0f}%' if pc is not None else '-'):>11}")
+            p(f"{topk:>5}{k:>6}{mm:>7}" + "".join(cells) + f"{(f'{ww:.2f}' if ww is not None else '-'):>13}"
+              f"{(f'{pc:.0f}%' if pc is not None else '-'):>11}")
         for t in bench.get("targets", []):
             p(f"  {t['status']:<5} {t['target']}: {t['detail']}"[:200])
     else:
@@ -73,10 +76,13 @@ def main(argv):
     model = _load(os.path.join(out_dir, "model_gpu.json"))
     if model:
         p("")
-        p("compiled TinyMoE, without vs with the pass:")
+        p("compiled models, without vs with the pass (ratio = without / with time: > 1 means the pass helps):")
         for r in model.get("model_rows", []):
+            if "build_error" in r:
+                p(f"  {r.get('model', '?')}: could not build: {r['build_error'][:100]}")
+                continue
             ratio = r.get("ratio_without_over_with")
-            p(f"  M={r['M']:<6} without {_t(r.get('without_pass_s')):>12}  with {_t(r.get('with_pass_s')):>12}  "
+            p(f"  {r.get('model', 'tiny'):<10} M={r['M']:<6} without {_t(r.get('without_pass_s')):>12}  with {_t(r.get('with_pass_s')):>12}  "
               f"ratio {ratio if ratio is None else format(ratio, '.2f')}  rewrites {r.get('with_pass_rewrites', '-') if r.get('with_pass_compiled_here', True) else 'n/a (compile reused)'}"
               f"  {'outputs close' if r.get('outputs_close') else ('OUTPUTS DIFFER' if 'outputs_close' in r else '')}"
               + (f"  err: {r.get('with_pass_error') or r.get('without_pass_error')}"

@@ -112,10 +112,11 @@ def _error_text(e: BaseException) -> str:
 
 def bench_model_case(name: str, forward: Callable, make_input: Callable[[int, int], torch.Tensor], token_dim: int,
                      desc: Dict[str, object], device: str, dtype: torch.dtype, ms: Sequence[int],
-                     args) -> List[Dict[str, object]]:
+                     args, on_row: Optional[Callable[[Dict[str, object]], None]] = None) -> List[Dict[str, object]]:
     """One row per token count: the model compiled without and with the pass, timed side by side.
 
-    args: budget, min_rounds, stat (CPU); graph_max_m (CUDA); model_static; model_fullgraph."""
+    args: budget, min_rounds, stat (CPU); graph_max_m (CUDA); model_static; model_fullgraph.
+    on_row(row) is called as each row is complete (progress, partial JSON)."""
     variants: List[Tuple[str, Callable]] = [("without_pass", pass_disabled)]
     if fusion_api_reason() is None:
         variants.append(("with_pass", contextlib.nullcontext))
@@ -188,6 +189,8 @@ def bench_model_case(name: str, forward: Callable, make_input: Callable[[int, in
         del xs, entries, outs
         if device == "cuda":
             torch.cuda.empty_cache()
+        if on_row is not None:
+            on_row(r)
     rows.sort(key=lambda row: list(ms).index(row["M"]))
     return rows
 
@@ -240,7 +243,7 @@ def available_model_set(requested: Optional[Sequence[str]]) -> Tuple[List[str], 
 
 
 def bench_models(device: str, dtype: torch.dtype, ms: Sequence[int], names: Sequence[str],
-                 args) -> List[Dict[str, object]]:
+                 args, on_row: Optional[Callable[[Dict[str, object]], None]] = None) -> List[Dict[str, object]]:
     """Every requested model at every token count; a model that fails to build gets an error row."""
     from .hf_models import build_hf_model
 
@@ -255,8 +258,10 @@ def bench_models(device: str, dtype: torch.dtype, ms: Sequence[int], names: Sequ
                                        layout=args.model_layout)
         except Exception as e:  # noqa: BLE001
             rows.append({"mode": "model", "model": name, "M": "-", "build_error": _error_text(e)})
+            if on_row is not None:
+                on_row(rows[-1])
             continue
-        rows.extend(bench_model_case(name, *built, device=device, dtype=dtype, ms=ms, args=args))
+        rows.extend(bench_model_case(name, *built, device=device, dtype=dtype, ms=ms, args=args, on_row=on_row))
         del built
         if device == "cuda":
             torch.cuda.empty_cache()

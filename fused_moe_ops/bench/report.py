@@ -70,12 +70,16 @@ def print_pass_table(summaries, file=sys.stdout) -> None:
               f"{g('pct_copy_' + op_name, '.0f'):>9}  {s.get('pass_rewrites', '-')}", file=file)
 
 
-def print_model(rows, file=sys.stdout) -> None:
-    """The model-level comparison: one line per model and token count."""
-    hdr = (f"{'model':<12}{'tokens':>7}{'without pass':>15}{'with pass':>15}{'with/without':>14}  "
-           f"{'rewrites':>8}  {'launches w/o -> with':<21}outputs")
-    print(hdr, file=file)
-    print("-" * len(hdr), file=file)
+MODEL_HEADER = (f"{'model':<12}{'tokens':>7}{'without pass':>15}{'with pass':>15}{'with/without':>14}  "
+                f"{'rewrites':>8}  {'launches w/o -> with':<21}outputs")
+
+
+def print_model(rows, file=sys.stdout, header: bool = True) -> None:
+    """The model-level comparison: one line per model and token count. with/without = without-pass
+    time / with-pass time (> 1: the pass made the model faster)."""
+    if header:
+        print(MODEL_HEADER, file=file)
+        print("-" * len(MODEL_HEADER), file=file)
     for r in rows:
         if "build_error" in r:
             print(f"{r['model']:<12}{'-':>7}  could not build: {r['build_error'][:100]}", file=file)
