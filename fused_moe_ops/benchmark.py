@@ -87,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--max-sets", type=int, default=1024, help="at most this many rotating buffer sets")
     p.add_argument("--graph-max-m", type=int, default=None,
                    help="CUDA: replay a CUDA graph for M <= this (default 512; --grid issue8: all)")
+    p.add_argument("--compile", dest="sweep_compile", choices=("static", "dynamic"), default="static",
+                   help="sweep: compile the inductor rows per shape (static, default) or once per (topk, K) with the "
+                        "token count dynamic (as serving engines compile; fewer compiles)")
     p.add_argument("--replays", type=int, default=None, help="CUDA: graph replays per implementation (default 30)")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
     p.add_argument("--stat", choices=("median", "min"), default="median",
@@ -241,15 +244,21 @@ def run_sweep(args, device, dtype, label, info, result) -> None:
     impls = [i for i in wanted if i in ALL_IMPLS and
              not (device == "cpu" and i in ("cuda", "triton")) and not (device == "cuda" and i == "op")]
     print(f"# sweep{' ' + args.grid if args.grid else ''}: {result['dtype']}, topk {args.topk}, K {ks}, M {ms}, "
+          f"{args.sweep_compile} compiles, "
           f"on {label}; impls {impls}; timing budget {args.budget}s/impl/shape, rotating >= {args.rotate_mb:.0f} MiB"
           + (f", CPU statistic: {args.stat} over >= {args.min_rounds} interleaved rounds" if device == "cpu" else
              f", CUDA graphs for M <= {args.graph_max_m}"))
     rows = []
     t0 = time.time()
+    compiled = {} if args.sweep_compile == "dynamic" else None
+    if compiled is not None:
+        torch._dynamo.reset()
     for topk in args.topk:
         for k in ks:
             for m in ms:
-                shape_rows = bench_shape(device, dtype, m, topk, k, impls, args)
+                shape_rows = bench_shape(device, dtype, m, topk, k, impls, args, compiled=compiled)
+                for r in shape_rows:
+                    r["compile"] = args.sweep_compile
                 rows.extend(shape_rows)
                 report.print_table(shape_rows)
                 print(flush=True)

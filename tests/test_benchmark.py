@@ -147,3 +147,15 @@ def test_hf_models_build_from_transformers_classes():
         assert y.shape == x.shape and torch.isfinite(y).all()
     with pytest.raises(ValueError, match="layout"):
         build_hf_model("qwen3_moe", "cpu", torch.float32, layout="diagonal")
+
+
+def test_sweep_dynamic_compile_reused_across_token_counts(tmp_path, capsys):
+    out = tmp_path / "d.json"
+    rc, stdout, stderr = run_in_process(capsys, *FAST, "--m", "4,9", "--k", "8", "--topk", "2", "--compile", "dynamic",
+                                        "--impls", "inductor,inductor+pass", "--json", str(out))
+    assert rc == 0, stdout + stderr
+    passes = [r for r in json.loads(out.read_text())["rows"] if r["impl"] == "inductor+pass"]
+    assert [r["M"] for r in passes] == [4, 9]
+    assert passes[0]["rewrites"] == 1  # one compile with the token count dynamic ...
+    assert "rewrites" not in passes[1] and "compile reused" in passes[1]["note"]  # ... serves the next M
+    assert all(r["compile"] == "dynamic" and r["time_s"] > 0 for r in passes)
