@@ -97,13 +97,18 @@ def count_launches(codes: Sequence[str]) -> Optional[Dict[str, int]]:
 
 
 def _first_call(fn, x):
-    """fn(x), with the code Inductor generates for it if this call compiles."""
-    from torch._inductor.utils import run_and_get_code
+    """fn(x), with the code Inductor generates for it if this call compiles (an empty list when it
+    reuses an earlier compile). Not torch._inductor.utils.run_and_get_code: that one calls
+    torch._dynamo.reset() first, which would throw away the other variant's compiled code (it
+    would then recompile, static, inside the timing loop)."""
+    from unittest import mock
 
-    try:
-        return run_and_get_code(fn, x)
-    except Exception:  # noqa: BLE001 - fall back to a plain call (no launch counts)
-        return fn(x), []
+    from torch._inductor.graph import GraphLowering
+
+    codes: List[str] = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        out = fn(x)
+    return out, codes
 
 
 def _error_text(e: BaseException) -> str:
