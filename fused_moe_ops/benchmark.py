@@ -86,7 +86,7 @@ def parse_args(argv=None):
                    help="rotate inputs over at least this many MiB (default 4x L2 on CUDA, 128 on CPU)")
     p.add_argument("--max-sets", type=int, default=1024, help="at most this many rotating buffer sets")
     p.add_argument("--graph-max-m", type=int, default=None,
-                   help="CUDA: replay a CUDA graph for M <= this (default 512; --grid issue8: all)")
+                   help="CUDA: replay a CUDA graph for M <= this (default: sweep 512, --grid issue8 and --model all)")
     p.add_argument("--compile", dest="sweep_compile", choices=("static", "dynamic"), default="static",
                    help="sweep: compile the inductor rows per shape (static, default) or once per (topk, K) with the "
                         "token count dynamic (as serving engines compile; fewer compiles)")
@@ -133,7 +133,9 @@ def apply_defaults(args, device: str) -> None:
     if args.topk is None:
         args.topk = [8]
     if args.graph_max_m is None:
-        args.graph_max_m = 512
+        # model mode: every token count as graph replays (issue 8 item 6 measures models that way);
+        # sweep: the decode sizes, where launch overhead is what a graph saves
+        args.graph_max_m = 1 << 20 if args.model else 512
     if args.min_rounds is None:
         args.min_rounds = 9 if args.model else 5
     if args.budget is None:
