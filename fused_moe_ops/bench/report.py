@@ -116,9 +116,9 @@ def markdown_model_table(rows, machine_name: str) -> str:
     for r in rows:
         if "without_pass_s" not in r or "with_pass_s" not in r:
             continue
+        rw = r.get("with_pass_rewrites", "-") if r.get("with_pass_compiled_here", True) else "reused"
         out.append(f"| {machine_name} | {r['model']} | {r['M']} | {fmt_time(r['without_pass_s'])} | "
-                   f"{fmt_time(r['with_pass_s'])} | {r['ratio_without_over_with']:.3f} | "
-                   f"{r.get('with_pass_rewrites', '-')} |")
+                   f"{fmt_time(r['with_pass_s'])} | {r['ratio_without_over_with']:.3f} | {rw} |")
     return "\n".join(out) + "\n"
 
 
