@@ -111,14 +111,23 @@ def markdown_table(rows, machine_name: str) -> str:
 
 
 def markdown_model_table(rows, machine_name: str) -> str:
-    out = ["| machine | model | tokens | without pass | with pass | with/without speed | rewrites |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+    """The model comparison as a Markdown table; on CPU also the ratio of the least-disturbed rounds."""
+    with_min = any("without_pass_time_min_s" in r for r in rows)
+    out = ["| machine | model | tokens | without pass | with pass | with/without speed |"
+           + (" same, min-round times |" if with_min else "") + " rewrites | launches w/o -> with |",
+           "|---|---|---:|---:|---:|---:|" + ("---:|" if with_min else "") + "---:|---|"]
     for r in rows:
         if "without_pass_s" not in r or "with_pass_s" not in r:
             continue
         rw = r.get("with_pass_rewrites", "-") if r.get("with_pass_compiled_here", True) else "reused"
+        mn = ""
+        if with_min:
+            a, b = r.get("without_pass_time_min_s"), r.get("with_pass_time_min_s")
+            mn = f" {a / b:.3f} |" if a and b else " - |"
+        la, lb = r.get("without_pass_launches"), r.get("with_pass_launches")
         out.append(f"| {machine_name} | {r['model']} | {r['M']} | {fmt_time(r['without_pass_s'])} | "
-                   f"{fmt_time(r['with_pass_s'])} | {r['ratio_without_over_with']:.3f} | {rw} |")
+                   f"{fmt_time(r['with_pass_s'])} | {r['ratio_without_over_with']:.3f} |{mn} {rw} | "
+                   f"{f'{la} -> {lb}' if la is not None and lb is not None else '-'} |")
     return "\n".join(out) + "\n"
 
 
