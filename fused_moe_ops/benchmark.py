@@ -117,6 +117,9 @@ def parse_args(argv=None):
                         "token (attention trivial)")
     g.add_argument("--hf-experts", choices=EXPERTS_IMPLEMENTATIONS, default="grouped_mm",
                    help="HF models: transformers' experts_implementation (default grouped_mm, transformers' default)")
+    g.add_argument("--hf-sentinel-mask", action="store_true",
+                   help="HF models: take transformers' expert-parallel path, whose masked_fill of the expert rows "
+                        "sits right before the combine (transformers <= 5.17 always runs it)")
     return p.parse_args(argv)
 
 
@@ -213,7 +216,8 @@ def run_models(args, device, dtype, label, result, names, skipped) -> None:
         print(f"# model {n}: skipped ({why})")
     print(f"# compiled model comparison on {label}, {result['dtype']}: {', '.join(names)}; tokens {ms}; "
           f"TinyMoE(hidden={args.model_hidden}, inter={args.model_inter}, experts={args.model_experts}, "
-          f"topk={args.model_topk}); HF: 2 layers, {args.hf_experts}, layout {args.model_layout}, "
+          f"topk={args.model_topk}); HF: 2 layers, {args.hf_experts}"
+          f"{' with the sentinel mask' if args.hf_sentinel_mask else ''}, layout {args.model_layout}, "
           f"{'full widths' if device == 'cuda' else 'tiny widths'}; "
           + ("CPU: interleaved rounds, median" if device == "cpu" else
              f"CUDA graphs (interleaved replays) for tokens <= {args.graph_max_m}"))

@@ -152,6 +152,13 @@ def test_hf_models_build_from_transformers_classes():
         assert y.shape == x.shape and torch.isfinite(y).all()
     with pytest.raises(ValueError, match="layout"):
         build_hf_model("qwen3_moe", "cpu", torch.float32, layout="diagonal")
+    # the expert-parallel sentinel path (transformers <= 5.17's graph): same weights, same result
+    plain, make_input, _, _ = build_hf_model("qwen3_moe", "cpu", torch.float32)
+    masked, _, _, desc = build_hf_model("qwen3_moe", "cpu", torch.float32, sentinel_mask=True)
+    assert desc["sentinel_mask"]
+    with torch.no_grad():
+        x = make_input(5, 1)
+        torch.testing.assert_close(masked(x), plain(x))
 
 
 def test_sweep_dynamic_compile_reused_across_token_counts(tmp_path, capsys):
@@ -164,3 +171,49 @@ def test_sweep_dynamic_compile_reused_across_token_counts(tmp_path, capsys):
     assert passes[0]["rewrites"] == 1  # one compile with the token count dynamic ...
     assert "rewrites" not in passes[1] and "compile reused" in passes[1]["note"]  # ... serves the next M
     assert all(r["compile"] == "dynamic" and r["time_s"] > 0 for r in passes)
+
+
+def test_cuda_timing_branches_without_a_gpu(monkeypatch):
+    """The CUDA-only timing paths' bookkeeping, with the CUDA calls replaced (no GPU in CI): graphs
+    replayed together when every variant captures; events for all when one cannot."""
+    import contextlib
+    import types
+
+    from fused_moe_ops.bench import models
+
+    def capture(call, per_graph):
+        if getattr(call, "fails", False):
+            raise RuntimeError("capture failed")
+        return ("graph", call.name)
+
+    monkeypatch.setattr(models, "capture_cuda_graph", capture)
+    monkeypatch.setattr(models, "time_graph_replays", lambda graphs, per_graph, replays: [1.0 + i for i in
+                                                                                         range(len(graphs))])
+    monkeypatch.setattr(models, "time_cuda_events", lambda call, budget: 5.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def variant(name, fails=False):
+        call = types.SimpleNamespace(name=name, fails=fails)
+        return (name, call, contextlib.nullcontext)
+
+    args = types.SimpleNamespace(graph_max_m=64, budget=0.0, replays=None)
+    times, row = {"without_pass": {}, "with_pass": {}}, {}
+    models._time_cuda([variant("without_pass"), variant("with_pass")], times, 8, row, args)
+    assert times == {"without_pass": {"time_s": 1.0}, "with_pass": {"time_s": 2.0}} and "graph" in row["timing"]
+    times, row = {"without_pass": {}, "with_pass": {}}, {}
+    models._time_cuda([variant("without_pass"), variant("with_pass", fails=True)], times, 8, row, args)
+    assert times == {"without_pass": {"time_s": 5.0}, "with_pass": {"time_s": 5.0}}
+    assert "with_pass_graph_error" in row and "events" in row["timing"]
+    times, row = {"without_pass": {}, "with_pass": {}}, {}
+    models._time_cuda([variant("without_pass"), variant("with_pass")], times, 128, row, args)  # above graph_max_m
+    assert times == {"without_pass": {"time_s": 5.0}, "with_pass": {"time_s": 5.0}} and row["timing"] == "CUDA events"
+
+    monkeypatch.setattr(sweep, "capture_cuda_graph", capture)
+    monkeypatch.setattr(sweep, "time_graph_replays", lambda graphs, counts, replays: [float(c) for c in counts])
+    monkeypatch.setattr(sweep, "time_cuda_events", lambda call, budget: 7.0)
+    rows = [{}, {}, {}]
+    calls = [types.SimpleNamespace(name="a", n_data=40), types.SimpleNamespace(name="b", n_data=3),
+             types.SimpleNamespace(name="c", fails=True)]
+    sweep._time_cuda_graphs_interleaved([(r, c, contextlib.nullcontext) for r, c in zip(rows, calls)], args)
+    assert [r["time_s"] for r in rows] == [40.0, 20.0, 7.0]  # >= 20 calls per graph, one per buffer set
+    assert rows[0]["timing"] == "graph x40" and rows[2]["timing"].startswith("events (graph capture failed")

@@ -75,7 +75,7 @@ def hf_config(name: str, device: str, experts_implementation: str = "grouped_mm"
 
 
 def build_hf_model(name: str, device: str, dtype: torch.dtype, experts_implementation: str = "grouped_mm",
-                   layers: int = 2, layout: str = "sequence") -> Tuple[Callable, Callable[[int, int], torch.Tensor],
+                   layers: int = 2, layout: str = "sequence", sentinel_mask: bool = False) -> Tuple[Callable, Callable[[int, int], torch.Tensor],
                                                                          int, Dict[str, object]]:
     """(forward, make_input(m, seed), token_dim, description).
 
@@ -83,7 +83,12 @@ def build_hf_model(name: str, device: str, dtype: torch.dtype, experts_implement
     one sequence of m tokens (a prefill, causal attention over m); "batch": (m, 1, hidden), m
     sequences of one token (attention is trivial, so the MoE layers dominate, as in a decode step
     minus its KV cache). token_dim is the dimension that holds m (marked dynamic when compiling
-    once for all m)."""
+    once for all m).
+
+    sentinel_mask: run the experts' expert-parallel path (``_is_expert_parallel = True``), whose
+    grouped_mm code masks the expert rows with ``proj_out.masked_fill(sentinel_mask, 0.0)`` right
+    before the combine. transformers 5.17 (and earlier 5.x) runs that code unconditionally, so this
+    reproduces, on a newer transformers, the graph those versions give the pass."""
     from transformers import Qwen2MoeModel, Qwen3MoeModel
 
     if layout not in ("sequence", "batch"):
@@ -102,6 +107,10 @@ def build_hf_model(name: str, device: str, dtype: torch.dtype, experts_implement
             else:
                 p.normal_(0.0, cfg.initializer_range)
     model = model.to(device=device, dtype=dtype).eval()
+    if sentinel_mask:
+        for module in model.modules():
+            if hasattr(module, "_is_expert_parallel"):
+                module._is_expert_parallel = True
     hidden = cfg.hidden_size
 
     def forward(x):
@@ -113,6 +122,7 @@ def build_hf_model(name: str, device: str, dtype: torch.dtype, experts_implement
         return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
     desc = {"class": cls.__name__, "layers": layers, "layout": layout, "experts_implementation": experts_implementation,
+            "sentinel_mask": sentinel_mask,
             "hidden": hidden, "experts": cfg.num_experts, "topk": cfg.num_experts_per_tok,
             "moe_intermediate": cfg.moe_intermediate_size, "heads": cfg.num_attention_heads,
             "kv_heads": cfg.num_key_value_heads,
