@@ -87,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--max-sets", type=int, default=1024, help="at most this many rotating buffer sets")
     p.add_argument("--graph-max-m", type=int, default=None,
                    help="CUDA: replay a CUDA graph for M <= this (default: sweep 512, --grid issue8 and --model all)")
-    p.add_argument("--compile", dest="sweep_compile", choices=("static", "dynamic"), default="static",
+    p.add_argument("--compile", dest="sweep_compile", choices=("static", "dynamic"), default=None,
                    help="sweep: compile the inductor rows per shape (static, default) or once per (topk, K) with the "
                         "token count dynamic (as serving engines compile; fewer compiles)")
     p.add_argument("--replays", type=int, default=None, help="CUDA: graph replays per implementation (default 30)")
@@ -131,6 +131,8 @@ def apply_defaults(args, device: str) -> None:
             setattr(args, key, grid[key])
     if args.dtype is None:
         args.dtype = grid.get("dtype", "bf16")
+    if args.sweep_compile is None:
+        args.sweep_compile = grid.get("compile", "static")
     if args.impls is None and "impls" in grid:
         args.impls = ",".join(grid["impls"])
     if args.topk is None:
