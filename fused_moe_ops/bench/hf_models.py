@@ -58,20 +58,17 @@ WIDTHS: Dict[str, Dict[str, Dict[str, object]]] = {
 def hf_config(name: str, device: str, experts_implementation: str = "grouped_mm", layers: int = 2):
     from transformers import Qwen2MoeConfig, Qwen3MoeConfig
 
-    widths = dict(WIDTHS[name]["cuda" if device == "cuda" else "cpu"])
-    common = dict(num_hidden_layers=layers, vocab_size=1024, max_position_embeddings=32768, use_cache=False,
-                  tie_word_embeddings=False)
-    if name == "qwen3_moe":
-        cfg = Qwen3MoeConfig(norm_topk_prob=True, **common, **widths)
-    elif name == "qwen2_moe":
-        cfg = Qwen2MoeConfig(**common, **widths)  # norm_topk_prob False, as Qwen1.5-MoE
-    else:
-        raise ValueError(f"hf_config: name must be one of {HF_MODELS}, got {name!r}")
     if experts_implementation not in EXPERTS_IMPLEMENTATIONS:
         raise ValueError(f"experts_implementation must be one of {EXPERTS_IMPLEMENTATIONS}, "
                          f"got {experts_implementation!r}")
-    cfg._experts_implementation = experts_implementation
-    return cfg
+    widths = dict(WIDTHS[name]["cuda" if device == "cuda" else "cpu"]) if name in WIDTHS else {}
+    common = dict(num_hidden_layers=layers, vocab_size=1024, max_position_embeddings=32768, use_cache=False,
+                  tie_word_embeddings=False, experts_implementation=experts_implementation)
+    if name == "qwen3_moe":
+        return Qwen3MoeConfig(norm_topk_prob=True, **common, **widths)
+    if name == "qwen2_moe":
+        return Qwen2MoeConfig(**common, **widths)  # norm_topk_prob False, as Qwen1.5-MoE
+    raise ValueError(f"hf_config: name must be one of {HF_MODELS}, got {name!r}")
 
 
 def build_hf_model(name: str, device: str, dtype: torch.dtype, experts_implementation: str = "grouped_mm",
@@ -87,8 +84,8 @@ def build_hf_model(name: str, device: str, dtype: torch.dtype, experts_implement
 
     sentinel_mask: run the experts' expert-parallel path (``_is_expert_parallel = True``), whose
     grouped_mm code masks the expert rows with ``proj_out.masked_fill(sentinel_mask, 0.0)`` right
-    before the combine. transformers 5.17 (and earlier 5.x) runs that code unconditionally, so this
-    reproduces, on a newer transformers, the graph those versions give the pass."""
+    before the combine. transformers 5.17 runs that code unconditionally (and has no such flag, so
+    there this changes nothing); on a newer transformers it reproduces the graph 5.17 gives the pass."""
     from transformers import Qwen2MoeModel, Qwen3MoeModel
 
     if layout not in ("sequence", "batch"):
@@ -121,8 +118,9 @@ def build_hf_model(name: str, device: str, dtype: torch.dtype, experts_implement
         shape = (1, m, hidden) if layout == "sequence" else (m, 1, hidden)
         return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
-    desc = {"class": cls.__name__, "layers": layers, "layout": layout, "experts_implementation": experts_implementation,
-            "sentinel_mask": sentinel_mask,
+    desc = {"class": cls.__name__, "layers": layers, "layout": layout, "sentinel_mask": sentinel_mask,
+            # what transformers settled on (it may replace a request it cannot serve)
+            "experts_implementation": getattr(model.config, "_experts_implementation", experts_implementation),
             "hidden": hidden, "experts": cfg.num_experts, "topk": cfg.num_experts_per_tok,
             "moe_intermediate": cfg.moe_intermediate_size, "heads": cfg.num_attention_heads,
             "kv_heads": cfg.num_key_value_heads,
