@@ -68,6 +68,20 @@ def print_pass_table(summaries, file=sys.stdout) -> None:
               f"{g('with_over_without_speed', '.2f'):>14}{tt(op_name):>12}{g('op_over_inductor_speed', '.2f'):>8}"
               f"{g('pct_copy_inductor', '.0f'):>10}{g('pct_copy_inductor+pass', '.0f'):>11}"
               f"{g('pct_copy_' + op_name, '.0f'):>9}  {s.get('pass_rewrites', '-')}", file=file)
+    for (topk, k), ms in pass_slower_at(summaries).items():
+        print(f"# topk {topk}, K {k}: with the pass slower (with/without < 1) at M = "
+              f"{', '.join(map(str, ms)) if ms else 'none'}", file=file)
+
+
+def pass_slower_at(summaries) -> Dict[tuple, list]:
+    """Per (topk, K): the token counts where the compiled combine with the pass was slower than without."""
+    out: Dict[tuple, list] = {}
+    for s in summaries:
+        if "with_over_without_speed" in s:
+            out.setdefault((s["topk"], s["K"]), [])
+            if s["with_over_without_speed"] < 1.0:
+                out[(s["topk"], s["K"])].append(s["M"])
+    return out
 
 
 MODEL_HEADER = (f"{'model':<12}{'tokens':>7}{'without pass':>15}{'with pass':>15}{'with/without':>14}  "
