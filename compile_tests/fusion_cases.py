@@ -186,15 +186,32 @@ def check_accuracy(out: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor) 
 # ---------------------------------------------------------------- generated-code checks
 
 
-def assert_fused(code: str) -> None:
-    """The generated module calls the op and computes no reduction / bmm of its own (the gather, the
-    multiply and the sum are gone; what is left is elementwise work on the index and the weights)."""
-    FileCheck().check("torch.ops.moe.shuffle_mul_sum.default(").run(code)
+FUSED_CALL = "torch.ops.moe._shuffle_mul_sum_fused.default("
+
+
+def generated_kernels(code: str) -> List[str]:
+    """Names of the kernels Inductor generated in ``code`` (C++ and Triton), each defined once."""
+    return re.findall(r"^(\w+) = async_compile\.(?:cpp_pybinding|cpp|triton)\(", code, flags=re.M)
+
+
+def kernel_launches(code: str) -> Dict[str, int]:
+    """What one call of the compiled graph launches: generated kernels and the calls of our op."""
+    return {"generated": len(generated_kernels(code)), "op": code.count(FUSED_CALL) + code.count("torch.ops.moe.shuffle_mul_sum.default(")}
+
+
+def assert_fused(code: str, generated: int = 0, ops: int = 1) -> None:
+    """The generated module calls the op ``ops`` times and launches ``generated`` kernels of its own:
+    by default none (the whole graph is the combine: the index wrap, the weights' cast and gather are
+    the op's arguments, not kernels that feed it), and it computes no reduction / bmm of its own."""
+    launches = kernel_launches(code)
+    assert launches == {"generated": generated, "op": ops}, (
+        f"expected {ops} op call(s) and {generated} generated kernel(s), got {launches}: "
+        f"{generated_kernels(code)}\n{code}")
     assert not _reduction_in(code), "generated code still reduces:\n" + code
 
 
 def assert_not_fused(code: str) -> None:
-    FileCheck().check_not("torch.ops.moe.shuffle_mul_sum").run(code)
+    FileCheck().check_not("torch.ops.moe.").run(code)
 
 
 def _reduction_in(code: str) -> bool:

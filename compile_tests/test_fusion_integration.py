@@ -42,7 +42,7 @@ _CACHE_SCRIPT = textwrap.dedent(
         "hit": counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"],
         "miss": counters["inductor"]["fxgraph_cache_miss"],
         "rewrites": fused_moe_ops.fusion_stats()["rewrites"],
-        "fused": any("torch.ops.moe.shuffle_mul_sum" in s for s in sources),
+        "fused": any("torch.ops.moe._shuffle_mul_sum_fused" in s for s in sources),
     }}))
     """
 )
@@ -159,7 +159,7 @@ def test_moe_block_combine_is_rewritten(dtype, dynamic):
     stats = fused_moe_ops.fusion_stats()
     assert stats["by_pattern"] == {"gather_mul_sum": 1}, stats  # the combine; the expert bmms are left alone
     FileCheck_code = "\n".join(codes)
-    assert "torch.ops.moe.shuffle_mul_sum.default(" in FileCheck_code
+    assert "torch.ops.moe._shuffle_mul_sum_fused.default(" in FileCheck_code
     check_accuracy(out, eager, ref)
     if dynamic:
         x2 = torch.randn(11, 32).to(dtype)

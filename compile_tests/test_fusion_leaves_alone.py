@@ -62,6 +62,21 @@ def length_mismatch(x_half, idx, w):  # index of 2*m*topk half rows viewed as m*
     return (x_half[idx].view(m, TOPK, k) * w.unsqueeze(-1)).sum(dim=1)
 
 
+def rows_from_pointwise_chain(x, idx, w):
+    """Expert outputs selected row by row with torch.where (the benchmark's TinyMoE): Inductor computes
+    the selection inside its own combine kernel; the op would need the rows written out first."""
+    m, k = w.shape[0], x.shape[1]
+    rows = torch.zeros_like(x)
+    for e in range(3):
+        rows = torch.where((torch.arange(x.shape[0]) % 3 == e).unsqueeze(-1), x * (e + 1), rows)
+    return (rows[idx].view(m, TOPK, k) * w.unsqueeze(-1)).sum(dim=1)
+
+
+def rows_scaled_pointwise(x, idx, w):  # one pointwise op producing the rows is enough
+    m, k = w.shape[0], x.shape[1]
+    return ((x * 0.5)[idx].view(m, TOPK, k) * w.unsqueeze(-1)).sum(dim=1)
+
+
 class Case(NamedTuple):
     fn: Callable
     x_cols: int = K
@@ -81,6 +96,8 @@ CASES = {
     "gathered_reused": Case(gathered_reused),
     "product_reused": Case(product_reused, seen=False),  # the matcher itself refuses a 2-user product
     "length_mismatch": Case(length_mismatch, x_cols=K // 2, index_len=2 * TOPK),
+    "rows_from_pointwise_chain": Case(rows_from_pointwise_chain),
+    "rows_scaled_pointwise": Case(rows_scaled_pointwise),
 }
 
 

@@ -95,6 +95,101 @@ inline CombineShape check_args(const at::Tensor& input, const std::optional<at::
   return s;
 }
 
+// What the internal op moe::_shuffle_mul_sum_fused adds to the public contract (ops.py documents the
+// schema): the facts the fusion pass would otherwise compute in a kernel of their own before the
+// op (the negative-index wrap, the factors' rounding, a per-row factor gather) and the consumer it
+// would otherwise leave after it (a scale, an add). The public op is the all-default case.
+enum NegativeIndex : int64_t {
+  kSkipNegative = 0,      // the public op: a negative entry contributes nothing
+  kWrapNegative = 1,      // x[idx]: -R <= p < 0 reads row p + R; p < -R is an error
+  kNegativeIsError = 2,   // x.index_select(0, idx): every negative entry is an error
+};
+enum FactorRound : int64_t {
+  kNoRound = 0,
+  kRoundToHalf = 1,       // factors.to(float16) before the multiply
+  kRoundToBFloat16 = 2,   // factors.to(bfloat16) before the multiply
+};
+
+struct CombineOptions {
+  int64_t negative_index = kSkipNegative;
+  int64_t factor_round = kNoRound;
+  bool factors_per_row = false;     // factors is (R,): slot (i, j) uses factors[p], p its (wrapped) row
+  float scale = 1.f;                // out = scale * sum + addend, in float32, rounded once
+  std::optional<at::Tensor> addend;  // (M, K), last dimension dense, any row stride (0: broadcast)
+  std::optional<at::Tensor> row_mask;  // bool (R,): a row whose entry is true contributes nothing
+};
+
+C10_HOST_DEVICE inline float round_factor(float w, int64_t mode) {
+  if (mode == kRoundToHalf) return static_cast<float>(at::Half(w));
+  if (mode == kRoundToBFloat16) return static_cast<float>(at::BFloat16(w));
+  return w;
+}
+
+// The addend of the internal op: broadcastable to (M, K) (a residual, a bias), or, with more than
+// two dimensions, M*K elements in row-major (M, K) order (the residual of `out.view(b, s, h) + r`).
+inline bool addend_fits(const at::Tensor& a, int64_t m, int64_t k) {
+  if (a.dim() > 2) return a.size(-1) == k && a.numel() == m * k;
+  const int64_t want[2] = {m, k};
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    const int64_t size = a.size(a.dim() - 1 - d);
+    if (size != 1 && size != want[1 - d]) return false;
+  }
+  return true;
+}
+
+inline at::Tensor addend_as_rows(const at::Tensor& a, int64_t m, int64_t k) {
+  return a.dim() > 2 ? a.reshape({m, k}) : a.expand({m, k});
+}
+
+// Checks of the internal op (the public op's checks, plus the options). A 2-D (M, topk) permutation
+// is what carries M and topk when the factors are per row.
+inline CombineShape check_fused_args(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
+                                     const at::Tensor& factors, std::optional<at::ScalarType> out_dtype,
+                                     const CombineOptions& o) {
+  TORCH_CHECK(o.negative_index >= kSkipNegative && o.negative_index <= kNegativeIsError,
+              FMO_PREFIX "negative_index must be 0 (skip), 1 (wrap) or 2 (error), got ", o.negative_index);
+  TORCH_CHECK(o.factor_round >= kNoRound && o.factor_round <= kRoundToBFloat16,
+              FMO_PREFIX "factor_round must be 0 (none), 1 (float16) or 2 (bfloat16), got ", o.factor_round);
+  CombineShape s{};
+  if (!o.factors_per_row) {
+    TORCH_CHECK(!permutation.has_value() || permutation->dim() != 2 ||
+                    (permutation->size(0) == factors.size(0) && permutation->size(1) == factors.size(1)),
+                FMO_PREFIX "a 2-D permutation must have the factors' shape (M, topk) = ", shape_str(factors),
+                ", got ", shape_str(*permutation));
+    const std::optional<at::Tensor> flat =
+        permutation.has_value() ? std::optional<at::Tensor>(permutation->reshape({-1})) : std::nullopt;
+    s = check_args(input, flat, factors, out_dtype);
+  } else {
+    TORCH_CHECK(permutation.has_value() && permutation->dim() == 2,
+                FMO_PREFIX "per-row factors need the permutation as a 2-D (M, topk) tensor");
+    TORCH_CHECK(factors.dim() == 1 && factors.size(0) == input.size(0),
+                FMO_PREFIX "per-row factors must be a 1-D tensor of input.shape[0] = ", input.size(0),
+                " entries, got shape ", shape_str(factors));
+    // The public checks on a stand-in (M, topk) factors tensor of one element (zero strides):
+    // the same dtype and device rules.
+    const at::Tensor like = at::empty_strided({permutation->size(0), permutation->size(1)}, {0, 0}, factors.options());
+    s = check_args(input, permutation->reshape({-1}), like, out_dtype);
+  }
+  if (o.addend.has_value()) {
+    const at::Tensor& a = *o.addend;
+    TORCH_CHECK(addend_fits(a, s.m, s.k), FMO_PREFIX "addend must broadcast to (M, K) = (", s.m, ", ", s.k,
+                ") or, with more than 2 dimensions, hold M*K elements with last dimension K, got ", shape_str(a));
+    TORCH_CHECK(is_supported_float(a.scalar_type()),
+                FMO_PREFIX "addend must have dtype float32, float16, bfloat16, got ", dtype_str(a.scalar_type()));
+    TORCH_CHECK(a.device() == input.device(), FMO_PREFIX "addend must be on the same device as input (",
+                input.device(), "), got ", a.device());
+  }
+  if (o.row_mask.has_value()) {
+    const at::Tensor& r = *o.row_mask;
+    TORCH_CHECK(r.scalar_type() == at::kBool && r.dim() == 1 && r.size(0) == s.rows,
+                FMO_PREFIX "row_mask must be a 1-D bool tensor of input.shape[0] = ", s.rows, " entries, got ",
+                dtype_str(r.scalar_type()), " of shape ", shape_str(r));
+    TORCH_CHECK(r.device() == input.device(), FMO_PREFIX "row_mask must be on the same device as input (",
+                input.device(), "), got ", r.device());
+  }
+  return s;
+}
+
 // [first byte, last byte + 1) of the memory a tensor's elements live in.
 inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
   const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
@@ -151,19 +246,28 @@ void dispatch_float(at::ScalarType t, F&& f) {
 
 // A device's kernel: writes `dst` (M, K), whose last dimension is dense, from `input`, whose last
 // dimension is dense. Arguments are already checked.
+// `permutation` is 1-D (M*topk,) here; `factors` is (M, topk), or (R,) when o.factors_per_row.
 using CombineFn = void (*)(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
-                           const at::Tensor& factors, const CombineShape& s, at::Tensor& dst);
+                           const at::Tensor& factors, const CombineShape& s, const CombineOptions& o,
+                           at::Tensor& dst);
 
 template <CombineFn combine>
 void combine_into(const at::Tensor& input, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
-                  const CombineShape& s, at::Tensor& out) {
+                  const CombineShape& s, const CombineOptions& o, at::Tensor& out) {
   const at::Tensor rows = rows_with_dense_last_dim(input);
+  const std::optional<at::Tensor> flat =
+      permutation.has_value() ? std::optional<at::Tensor>(permutation->reshape({-1})) : std::nullopt;
+  CombineOptions dense = o;
+  if (o.addend.has_value()) {
+    at::Tensor a = addend_as_rows(*o.addend, s.m, s.k);
+    dense.addend = (s.k > 1 && a.stride(1) != 1) ? a.contiguous() : a;
+  }
   if (s.k <= 1 || out.stride(1) == 1) {
-    combine(rows, permutation, factors, s, out);
+    combine(rows, flat, factors, s, dense, out);
     return;
   }
   at::Tensor dst = at::empty({s.m, s.k}, out.options());  // an `out` with a strided last dimension
-  combine(rows, permutation, factors, s, dst);
+  combine(rows, flat, factors, s, dense, dst);
   out.copy_(dst);
 }
 
@@ -173,7 +277,7 @@ at::Tensor shuffle_mul_sum_functional(const at::Tensor& input, const std::option
                                       const at::Tensor& factors, std::optional<at::ScalarType> out_dtype) {
   const CombineShape s = check_args(input, permutation, factors, out_dtype);
   at::Tensor out = at::empty({s.m, s.k}, input.options().dtype(out_dtype.value_or(input.scalar_type())));
-  combine_into<combine>(input, permutation, factors, s, out);
+  combine_into<combine>(input, permutation, factors, s, CombineOptions{}, out);
   return out;
 }
 
@@ -182,7 +286,26 @@ at::Tensor& shuffle_mul_sum_out(const at::Tensor& input, const std::optional<at:
                                 const at::Tensor& factors, at::Tensor& out) {
   const CombineShape s = check_args(input, permutation, factors, std::nullopt);
   check_out(out, input, permutation, factors, s);
-  combine_into<combine>(input, permutation, factors, s, out);
+  combine_into<combine>(input, permutation, factors, s, CombineOptions{}, out);
+  return out;
+}
+
+// The internal op (ops.py: FUSED_SCHEMA), for one device's kernel.
+template <CombineFn combine>
+at::Tensor shuffle_mul_sum_fused(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
+                                 const at::Tensor& factors, std::optional<at::ScalarType> out_dtype,
+                                 int64_t negative_index, int64_t factor_round, double scale,
+                                 const std::optional<at::Tensor>& addend, const std::optional<at::Tensor>& row_mask) {
+  CombineOptions o;
+  o.negative_index = negative_index;
+  o.factor_round = factor_round;
+  o.factors_per_row = factors.dim() == 1;
+  o.scale = static_cast<float>(scale);
+  o.addend = addend;
+  o.row_mask = row_mask;
+  const CombineShape s = check_fused_args(input, permutation, factors, out_dtype, o);
+  at::Tensor out = at::empty({s.m, s.k}, input.options().dtype(out_dtype.value_or(input.scalar_type())));
+  combine_into<combine>(input, permutation, factors, s, o, out);
   return out;
 }
 

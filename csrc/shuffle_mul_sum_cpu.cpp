@@ -2,23 +2,38 @@
 //
 //   out[i, :] = sum_{j < topk, p = perm[i*topk+j] >= 0} factors[i, j] * input[p, :]
 //
+// and, for the internal op the fusion pass emits, the same with the options of CombineOptions
+// (shuffle_mul_sum.h): negative entries wrapped or refused, factors rounded or read per row, and
+// out = scale * sum + addend, all in float32 before the one rounding.
+//
 // Work is split over (output row, column chunk) so that one token (M = 1, decode) still uses
 // every core. Inside a chunk, a tile of columns is held in float32 registers while the topk
 // source rows stream through it: every source element is read exactly once, the output is
 // written exactly once, and the accumulation is float32 with one rounding at the end.
-// Vectorised with at::vec (built with the host's AVX2 / AVX-512 flags, see _build.py).
+// Vectorised with at::vec. The kernel lives in namespace CPU_CAPABILITY (at::vec's convention): the
+// JIT build compiles it once with the host's AVX2 / AVX-512 flags; the wheel compiles this file once
+// per ISA (DEFAULT, AVX2, AVX512; fused_moe_ops/_kernel_spec.py) into one library, whose DEFAULT
+// copy (FMO_CPU_DISPATCH) registers the op and picks the copy torch's CPU capability names when the
+// library loads (ATEN_CPU_CAPABILITY=avx2|default overrides it, as for ATen's own kernels).
 #include "shuffle_mul_sum.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
+
 namespace fused_moe_ops {
+namespace CPU_CAPABILITY {
 namespace {
 
 using VecF = at::vec::Vectorized<float>;
@@ -48,7 +63,16 @@ inline void store_pair<float>(float* p, const VecF& a, const VecF& b) {
   b.store(p + kLanes);
 }
 
-inline float factor_at(const void* base, at::ScalarType t, int64_t offset) {
+// Load 2*kLanes elements of a runtime-typed float tensor (the addend) as two float registers.
+inline void load_pair_any(const void* p, at::ScalarType t, int64_t offset, VecF& a, VecF& b) {
+  switch (t) {
+    case at::kFloat: return load_pair<float>(static_cast<const float*>(p) + offset, a, b);
+    case at::kHalf: return load_pair<at::Half>(static_cast<const at::Half*>(p) + offset, a, b);
+    default: return load_pair<at::BFloat16>(static_cast<const at::BFloat16*>(p) + offset, a, b);
+  }
+}
+
+inline float float_at(const void* base, at::ScalarType t, int64_t offset) {
   switch (t) {
     case at::kFloat: return static_cast<const float*>(base)[offset];
     case at::kHalf: return static_cast<float>(static_cast<const at::Half*>(base)[offset]);
@@ -67,7 +91,17 @@ struct Args {
   int64_t factor_stride0, factor_stride1;
   void* out;
   int64_t out_row_stride;
-  int64_t m, topk, k;
+  int64_t m, topk, k, rows;
+  // CombineOptions, flattened
+  int64_t negative_index;
+  int64_t factor_round;
+  bool factors_per_row;  // factors[p * factor_stride0]
+  float scale;
+  const void* addend;    // nullptr: none
+  const bool* row_mask;  // nullptr: none; true: the row contributes nothing
+  int64_t row_mask_stride;
+  at::ScalarType addend_type;
+  int64_t addend_row_stride;
 };
 
 inline int64_t perm_at(const Args& a, int64_t pos) {
@@ -76,11 +110,41 @@ inline int64_t perm_at(const Args& a, int64_t pos) {
                          : static_cast<const int64_t*>(a.perm)[pos * a.perm_stride];
 }
 
+// The row slot `pos` reads, or -1 for none (the range was checked before: check_permutation_range).
+inline int64_t source_row(const Args& a, int64_t pos) {
+  int64_t p = perm_at(a, pos);
+  if (p < 0) p = a.negative_index == kWrapNegative ? p + a.rows : -1;
+  if (p >= 0 && a.row_mask != nullptr && a.row_mask[p * a.row_mask_stride]) return -1;
+  return p;
+}
+
+// Out = scale * acc + addend, still in float32.
+inline void epilogue(const Args& a, int64_t i, int64_t c, VecF& lo, VecF& hi) {
+  if (a.scale != 1.f) {
+    const VecF sv(a.scale);
+    lo = lo * sv;
+    hi = hi * sv;
+  }
+  if (a.addend != nullptr) {
+    VecF b0, b1;
+    load_pair_any(a.addend, a.addend_type, i * a.addend_row_stride + c, b0, b1);
+    lo = lo + b0;
+    hi = hi + b1;
+  }
+}
+
+inline float epilogue(const Args& a, int64_t i, int64_t c, float acc) {
+  acc *= a.scale;
+  if (a.addend != nullptr) acc += float_at(a.addend, a.addend_type, i * a.addend_row_stride + c);
+  return acc;
+}
+
 template <typename in_t, typename out_t>
 void combine_rows(const Args& a) {
   const in_t* input = static_cast<const in_t*>(a.input);
   out_t* out = static_cast<out_t*>(a.out);
   const int64_t k = a.k;
+  const bool has_epilogue = a.scale != 1.f || a.addend != nullptr;
 
   // Split K into chunks so that M * chunks gives every thread work even when M is 1.
   const int64_t threads = at::get_num_threads();
@@ -113,10 +177,11 @@ void combine_rows(const Args& a) {
       // Gather this token's live slots once: negative entries are dropped here.
       int64_t n = 0;
       for (int64_t j = 0; j < a.topk; ++j) {
-        const int64_t p = perm_at(a, i * a.topk + j);
+        const int64_t p = source_row(a, i * a.topk + j);
         if (p < 0) continue;
         src[n] = input + p * a.input_row_stride;
-        w[n] = factor_at(a.factors, a.factor_type, i * a.factor_stride0 + j * a.factor_stride1);
+        const int64_t f = a.factors_per_row ? p * a.factor_stride0 : i * a.factor_stride0 + j * a.factor_stride1;
+        w[n] = round_factor(float_at(a.factors, a.factor_type, f), a.factor_round);
         ++n;
       }
       out_t* dst = out + i * a.out_row_stride;
@@ -134,32 +199,41 @@ void combine_rows(const Args& a) {
             acc[r + 1] = at::vec::fmadd(x1, ws, acc[r + 1]);
           }
         }
-        for (int r = 0; r < kTileRegs; r += 2) store_pair<out_t>(dst + c + r * kLanes, acc[r], acc[r + 1]);
+        for (int r = 0; r < kTileRegs; r += 2) {
+          if (has_epilogue) epilogue(a, i, c + r * kLanes, acc[r], acc[r + 1]);
+          store_pair<out_t>(dst + c + r * kLanes, acc[r], acc[r + 1]);
+        }
       }
       for (; c < c_end; ++c) {  // tail: K not a multiple of the tile
         float acc = 0.f;
         for (int64_t s = 0; s < n; ++s) acc += w[s] * static_cast<float>(src[s][c]);
-        dst[c] = static_cast<out_t>(acc);
+        dst[c] = static_cast<out_t>(has_epilogue ? epilogue(a, i, c, acc) : acc);
       }
     }
   });
 }
 
-// The first entry >= R, checked before anything is written so a bad call leaves `out` untouched.
+// The first entry out of range, checked before anything is written so a bad call leaves `out`
+// untouched: >= R always; below -R when negative entries wrap; any negative one when they are an error.
 void check_permutation_range(const Args& a, int64_t rows) {
   if (a.perm == nullptr) return;
   const int64_t n = a.m * a.topk;
+  const int64_t lowest = a.negative_index == kSkipNegative ? std::numeric_limits<int64_t>::min() : (a.negative_index == kWrapNegative ? -rows : 0);
   for (int64_t pos = 0; pos < n; ++pos) {
     const int64_t p = perm_at(a, pos);
-    if (C10_UNLIKELY(p >= rows)) {
+    if (C10_UNLIKELY(p >= rows || p < lowest)) {
+      if (a.negative_index == kSkipNegative) {
+        TORCH_CHECK_INDEX(false, FMO_PREFIX "permutation[", pos, "] = ", p, " is out of range: input has ", rows,
+                          " rows, so entries must be < ", rows, " (negative entries are skipped)");
+      }
       TORCH_CHECK_INDEX(false, FMO_PREFIX "permutation[", pos, "] = ", p, " is out of range: input has ", rows,
-                        " rows, so entries must be < ", rows, " (negative entries are skipped)");
+                        " rows, so entries must be in [", lowest, ", ", rows, ")");
     }
   }
 }
 
 void combine_cpu(const at::Tensor& input, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
-                 const CombineShape& s, at::Tensor& dst) {
+                 const CombineShape& s, const CombineOptions& o, at::Tensor& dst) {
   Args a{};
   a.input = input.data_ptr();
   a.input_row_stride = input.stride(0);
@@ -171,12 +245,26 @@ void combine_cpu(const at::Tensor& input, const std::optional<at::Tensor>& permu
   a.factors = factors.data_ptr();
   a.factor_type = factors.scalar_type();
   a.factor_stride0 = factors.stride(0);
-  a.factor_stride1 = factors.stride(1);
+  a.factor_stride1 = factors.dim() > 1 ? factors.stride(1) : 0;
   a.out = dst.data_ptr();
   a.out_row_stride = dst.stride(0);
   a.m = s.m;
   a.topk = s.topk;
   a.k = s.k;
+  a.rows = s.rows;
+  a.negative_index = o.negative_index;
+  a.factor_round = o.factor_round;
+  a.factors_per_row = o.factors_per_row;
+  a.scale = o.scale;
+  if (o.row_mask.has_value()) {
+    a.row_mask = o.row_mask->data_ptr<bool>();
+    a.row_mask_stride = o.row_mask->stride(0);
+  }
+  if (o.addend.has_value()) {
+    a.addend = o.addend->data_ptr();
+    a.addend_type = o.addend->scalar_type();
+    a.addend_row_stride = o.addend->stride(0);
+  }
   check_permutation_range(a, s.rows);  // before anything is written, even when K = 0
   if (s.m == 0 || s.k == 0) return;
   dispatch_float(input.scalar_type(), [&](auto in_tag) {
@@ -188,9 +276,64 @@ void combine_cpu(const at::Tensor& input, const std::optional<at::Tensor>& permu
 
 }  // namespace
 
+// This ISA's copy of the kernel, as the registration below calls it.
+void combine_cpu_entry(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
+                       const at::Tensor& factors, const CombineShape& s, const CombineOptions& o, at::Tensor& dst) {
+  combine_cpu(input, permutation, factors, s, o, dst);
+}
+
+}  // namespace CPU_CAPABILITY
+
+// Registration: once per library, in its DEFAULT copy (dispatching form) or its only copy (JIT).
+#if !defined(FMO_CPU_DISPATCH) || defined(CPU_CAPABILITY_DEFAULT)
+#if defined(FMO_CPU_DISPATCH)
+// The other copies: this same file compiled with their flags and linked into this library.
+namespace AVX2 {
+void combine_cpu_entry(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const CombineShape&,
+                       const CombineOptions&, at::Tensor&);
+}
+namespace AVX512 {
+void combine_cpu_entry(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const CombineShape&,
+                       const CombineOptions&, at::Tensor&);
+}
+#endif
+
+namespace {
+
+struct SelectedKernel {
+  CombineFn fn;
+  const char* isa;
+};
+
+#if defined(FMO_CPU_DISPATCH)
+SelectedKernel select_kernel() {
+  const std::string capability = at::get_cpu_capability();  // "AVX512", "AVX2" or "DEFAULT"
+  if (capability == "AVX512") return {&AVX512::combine_cpu_entry, "AVX512"};
+  if (capability == "AVX2") return {&AVX2::combine_cpu_entry, "AVX2"};
+  return {&DEFAULT::combine_cpu_entry, "DEFAULT"};
+}
+#else
+#define FMO_STR_(x) #x
+#define FMO_STR(x) FMO_STR_(x)
+SelectedKernel select_kernel() { return {&CPU_CAPABILITY::combine_cpu_entry, FMO_STR(CPU_CAPABILITY)}; }
+#endif
+
+const SelectedKernel& selected() {
+  static const SelectedKernel kernel = select_kernel();
+  return kernel;
+}
+
+void combine_cpu(const at::Tensor& input, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
+                 const CombineShape& s, const CombineOptions& o, at::Tensor& dst) {
+  selected().fn(input, permutation, factors, s, o, dst);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("shuffle_mul_sum", &shuffle_mul_sum_functional<combine_cpu>);
   m.impl("shuffle_mul_sum.out", &shuffle_mul_sum_out<combine_cpu>);
+  m.impl("_shuffle_mul_sum_fused", &shuffle_mul_sum_fused<combine_cpu>);
 }
 
 // No derivative (an inference op): forward runs under autograd, backward raises
@@ -200,6 +343,15 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
 TORCH_LIBRARY_IMPL(moe, Autograd, m) {
   m.impl("shuffle_mul_sum", torch::autograd::autogradNotImplementedFallback());
   m.impl("shuffle_mul_sum.out", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_shuffle_mul_sum_fused", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace fused_moe_ops
+
+// Which copy runs ("AVX512", "AVX2" or "DEFAULT"): _build.py reads it with ctypes for the report.
+extern "C" C10_EXPORT const char* fused_moe_ops_cpu_isa() {
+  return fused_moe_ops::selected().isa;
+}
+#else
+}  // namespace fused_moe_ops
+#endif

@@ -2,25 +2,33 @@
 //
 //   out[i, :] = sum_{j < topk, p = perm[i*topk+j] >= 0} factors[i, j] * input[p, :]
 //
+// and, for the internal op the fusion pass emits, the same with the options of CombineOptions
+// (shuffle_mul_sum.h): negative entries wrapped or refused, factors rounded or read per input row,
+// and out = scale * sum + addend, all in float32 before the one rounding.
+//
 // Grid: blockIdx.x = output row i (up to 2^31-1 tokens), blockIdx.y = column slice. With many
 // tokens one block walks its whole row (gridDim.y = 1), so a row's permutation entries and
-// factors are read exactly once; with few tokens (decode) the row is split over blockIdx.y so
-// that M = 1 still spreads over many SMs.
+// factors are read exactly once; with few tokens (decode) the row is split over blockIdx.y, and
+// blocks shrink to one warp, so that M = 1 still spreads over many SMs.
 //
-// Per block: warp 0 reads the row's topk (index, factor) pairs once, drops negative entries
-// with a ballot and stages the live ones in shared memory; an entry >= R trips a device-side
-// assert. Then every thread accumulates VEC columns in float32 registers over the live slots,
-// with 16-byte loads and stores when the rows allow (the scalar path, VEC = 1, handles K not a
-// multiple of the vector, odd row strides and unaligned views), and rounds once on the store.
-// Offsets are int64 (R*K can exceed 2^31). Launched on the current stream, no host sync, no
-// launch for M = 0 or K = 0: safe inside CUDA graph capture.
+// Per block: warp 0 reads up to kChunk of the row's (index, factor) pairs, drops negative entries
+// with a ballot and stages the live ones in shared memory; an entry out of range trips a device-side
+// assert (and is never read). Every thread accumulates VEC columns in float32 registers over the
+// staged slots, with 16-byte loads and stores when the rows allow (the scalar path, VEC = 1,
+// handles K not a multiple of the vector, odd row strides and unaligned views); a topk above
+// kChunk repeats that per chunk, so any topk runs. Offsets are int64 (R*K can exceed 2^31).
+// Shared memory is static and padded, so no read, even a vectorised one past the last live slot,
+// leaves the allocation. Launched on the current stream, no host sync, no launch for M = 0 or
+// K = 0: safe inside CUDA graph capture.
 #include "shuffle_mul_sum.h"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <cstdint>
 #include <cstdio>
 
@@ -28,16 +36,18 @@ namespace fused_moe_ops {
 namespace {
 
 constexpr int kMaxThreads = 128;
-constexpr int64_t kMaxTopk = 2048;  // shared memory: 12 bytes per slot
+// Slots staged per step: every real router's topk in one step; more in several (3 KiB of shared memory).
+constexpr int kChunk = 256;
+constexpr int kPad = 4;  // slack after the staged slots for reads the compiler vectorises
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-enum FactorKind : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+enum FloatKind : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
-__device__ __forceinline__ float load_factor(const void* f, int kind, int64_t off) {
+__device__ __forceinline__ float load_float(const void* f, int kind, int64_t off) {
   if (kind == kF32) return static_cast<const float*>(f)[off];
   if (kind == kF16) return static_cast<float>(static_cast<const at::Half*>(f)[off]);
   return static_cast<float>(static_cast<const at::BFloat16*>(f)[off]);
@@ -53,90 +63,156 @@ struct Params {
   const void* factors;
   int factor_kind;
   int64_t factor_stride0, factor_stride1;
+  bool factors_per_row;      // factors[p * factor_stride0]
+  int negative_index;        // NegativeIndex
+  int factor_round;          // FactorRound
+  float scale;
+  const void* addend;        // nullptr: none; (M, K), last dim dense
+  const bool* row_mask;      // nullptr: none; true: the row contributes nothing
+  int64_t row_mask_stride;
+  int addend_kind;
+  int64_t addend_row_stride;
+  bool addend_vec;           // addend has the input's dtype and allows the VEC-wide load
   void* out;
   int64_t out_row_stride;
   int64_t topk;
   int64_t k;
 };
 
+// Warp 0 stages slots [j0, j0 + chunk) of row i: the live (row, factor) pairs, compacted, into
+// s_rows / s_w; returns their count to lane 0 through *s_live. Out-of-range entries assert.
+__device__ __forceinline__ void stage_slots(const Params& P, int64_t i, int64_t j0, int64_t chunk, int64_t* s_rows,
+                                            float* s_w, int* s_live) {
+  const unsigned lane = threadIdx.x;
+  int live = 0;
+  for (int64_t base = 0; base < chunk; base += 32) {
+    const int64_t j = j0 + base + lane;
+    int64_t p = -1;
+    float w = 0.f;
+    if (base + lane < chunk) {
+      const int64_t pos = i * P.topk + j;
+      if (!P.factors_per_row) {  // issued before the permutation load resolves: one round trip
+        w = load_float(P.factors, P.factor_kind, i * P.factor_stride0 + j * P.factor_stride1);
+      }
+      if (P.perm == nullptr) {
+        p = pos;
+      } else {
+        p = P.perm_is_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(P.perm)[pos * P.perm_stride])
+                            : static_cast<const int64_t*>(P.perm)[pos * P.perm_stride];
+      }
+      const int64_t lowest = P.negative_index == kWrapNegative ? -P.rows : 0;
+      const bool bad = p >= P.rows || (P.negative_index != kSkipNegative && p < lowest);
+      if (bad) {
+        printf("moe::shuffle_mul_sum: permutation[%lld] = %lld is out of range: input has %lld rows\n",
+               static_cast<long long>(pos), static_cast<long long>(p), static_cast<long long>(P.rows));
+      }
+      CUDA_KERNEL_ASSERT(!bad && "moe::shuffle_mul_sum: permutation entry out of range");
+      if (bad) {
+        p = -1;  // never read out of range, even where device asserts are compiled out
+      } else if (p < 0 && P.negative_index == kWrapNegative) {
+        p += P.rows;
+      }
+      if (p >= 0 && P.row_mask != nullptr && P.row_mask[p * P.row_mask_stride]) p = -1;
+      if (p >= 0) {
+        if (P.factors_per_row) w = load_float(P.factors, P.factor_kind, p * P.factor_stride0);
+        w = round_factor(w, P.factor_round);
+      }
+    }
+    const bool valid = p >= 0;
+    const unsigned ballot = __ballot_sync(0xffffffffu, valid);
+    if (valid) {
+      const int slot = live + __popc(ballot & ((1u << lane) - 1u));
+      s_rows[slot] = p;
+      s_w[slot] = w;
+    }
+    live += __popc(ballot);
+  }
+  if (lane == 0) *s_live = live;
+}
+
+template <typename in_t, int VEC>
+__device__ __forceinline__ void accumulate(const Params& P, const int64_t* s_rows, const float* s_w, int n,
+                                           int64_t c, float (&acc)[VEC]) {
+  const in_t* __restrict__ input = static_cast<const in_t*>(P.input);
+  int s = 0;
+  // Four slots per step: four independent loads in flight per thread.
+  for (; s + 4 <= n; s += 4) {
+    Pack<in_t, VEC> x[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      x[u] = *reinterpret_cast<const Pack<in_t, VEC>*>(input + s_rows[s + u] * P.input_row_stride + c);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float w = s_w[s + u];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w, static_cast<float>(x[u].v[v]), acc[v]);
+    }
+  }
+  for (; s < n; ++s) {
+    const Pack<in_t, VEC> x = *reinterpret_cast<const Pack<in_t, VEC>*>(input + s_rows[s] * P.input_row_stride + c);
+    const float w = s_w[s];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w, static_cast<float>(x.v[v]), acc[v]);
+  }
+}
+
+// out = scale * acc + addend, rounded once.
+template <typename in_t, typename out_t, int VEC>
+__device__ __forceinline__ void store(const Params& P, int64_t i, int64_t c, float (&acc)[VEC]) {
+  if (P.scale != 1.f) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] *= P.scale;
+  }
+  if (P.addend != nullptr) {
+    const int64_t off = i * P.addend_row_stride + c;
+    if (P.addend_vec) {
+      const Pack<in_t, VEC> b = *reinterpret_cast<const Pack<in_t, VEC>*>(static_cast<const in_t*>(P.addend) + off);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += static_cast<float>(b.v[v]);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += load_float(P.addend, P.addend_kind, off + v);
+    }
+  }
+  Pack<out_t, VEC> y;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) y.v[v] = static_cast<out_t>(acc[v]);
+  *reinterpret_cast<Pack<out_t, VEC>*>(static_cast<out_t*>(P.out) + i * P.out_row_stride + c) = y;
+}
+
 template <typename in_t, typename out_t, int VEC>
 __global__ void __launch_bounds__(kMaxThreads) shuffle_mul_sum_kernel(const Params P) {
-  extern __shared__ int64_t s_rows[];  // [topk] live source rows, then [topk] float factors
-  float* s_w = reinterpret_cast<float*>(s_rows + P.topk);
+  // Static and padded: a vectorised read past the last staged slot stays inside the allocation
+  // (compute-sanitizer found exactly that read past a 12-byte dynamic allocation at topk = 1).
+  __shared__ int64_t s_rows[kChunk + kPad];
+  __shared__ float s_w[kChunk + kPad];
   __shared__ int s_live;
 
   const int64_t i = blockIdx.x;
-  const in_t* __restrict__ input = static_cast<const in_t*>(P.input);
-  out_t* __restrict__ out = static_cast<out_t*>(P.out);
-
-  // Stage this row's live (row, factor) pairs once; warp 0 compacts them with a ballot.
-  if (threadIdx.x < 32) {
-    const unsigned lane = threadIdx.x;
-    int live = 0;
-    for (int64_t base = 0; base < P.topk; base += 32) {
-      const int64_t j = base + lane;
-      int64_t p = -1;
-      float w = 0.f;
-      if (j < P.topk) {
-        const int64_t pos = i * P.topk + j;
-        // Issued before the permutation load resolves: two independent loads, one round trip.
-        w = load_factor(P.factors, P.factor_kind, i * P.factor_stride0 + j * P.factor_stride1);
-        if (P.perm == nullptr) {
-          p = pos;
-        } else {
-          p = P.perm_is_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(P.perm)[pos * P.perm_stride])
-                              : static_cast<const int64_t*>(P.perm)[pos * P.perm_stride];
-        }
-        if (p >= P.rows) {
-          printf("moe::shuffle_mul_sum: permutation[%lld] = %lld is out of range: input has %lld rows\n",
-                 static_cast<long long>(pos), static_cast<long long>(p), static_cast<long long>(P.rows));
-        }
-        CUDA_KERNEL_ASSERT(p < P.rows && "moe::shuffle_mul_sum: permutation entry >= input.shape[0]");
-      }
-      const bool valid = p >= 0;
-      const unsigned ballot = __ballot_sync(0xffffffffu, valid);
-      if (valid) {
-        const int slot = live + __popc(ballot & ((1u << lane) - 1u));
-        s_rows[slot] = p;
-        s_w[slot] = w;
-      }
-      live += __popc(ballot);
-    }
-    if (lane == 0) s_live = live;
+  const bool one_chunk = P.topk <= kChunk;
+  if (one_chunk) {  // the common case: stage once, then walk every column this block owns
+    if (threadIdx.x < 32) stage_slots(P, i, 0, P.topk, s_rows, s_w, &s_live);
+    __syncthreads();
   }
-  __syncthreads();
-  const int n = s_live;
-
-  const int64_t col_step = static_cast<int64_t>(gridDim.y) * blockDim.x * VEC;
-  out_t* __restrict__ dst = out + i * P.out_row_stride;
-  for (int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC; c < P.k; c += col_step) {
+  const int64_t block_cols = static_cast<int64_t>(blockDim.x) * VEC;
+  const int64_t col_step = gridDim.y * block_cols;
+  // Uniform over the block (every thread runs every step), so the chunked path may synchronise.
+  for (int64_t c_block = blockIdx.y * block_cols; c_block < P.k; c_block += col_step) {
+    const int64_t c = c_block + static_cast<int64_t>(threadIdx.x) * VEC;
     float acc[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
-    int s = 0;
-    // Four slots per step: four independent loads in flight per thread.
-    for (; s + 4 <= n; s += 4) {
-      Pack<in_t, VEC> x[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        x[u] = *reinterpret_cast<const Pack<in_t, VEC>*>(input + s_rows[s + u] * P.input_row_stride + c);
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const float w = s_w[s + u];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w, static_cast<float>(x[u].v[v]), acc[v]);
+    if (one_chunk) {
+      if (c < P.k) accumulate<in_t, VEC>(P, s_rows, s_w, s_live, c, acc);
+    } else {
+      for (int64_t j0 = 0; j0 < P.topk; j0 += kChunk) {
+        __syncthreads();  // the previous chunk's slots are no longer read
+        if (threadIdx.x < 32) stage_slots(P, i, j0, std::min<int64_t>(kChunk, P.topk - j0), s_rows, s_w, &s_live);
+        __syncthreads();
+        if (c < P.k) accumulate<in_t, VEC>(P, s_rows, s_w, s_live, c, acc);
       }
     }
-    for (; s < n; ++s) {
-      const Pack<in_t, VEC> x = *reinterpret_cast<const Pack<in_t, VEC>*>(input + s_rows[s] * P.input_row_stride + c);
-      const float w = s_w[s];
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w, static_cast<float>(x.v[v]), acc[v]);
-    }
-    Pack<out_t, VEC> y;
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) y.v[v] = static_cast<out_t>(acc[v]);
-    *reinterpret_cast<Pack<out_t, VEC>*>(dst + c) = y;
+    if (c < P.k) store<in_t, out_t, VEC>(P, i, c, acc);
   }
 }
 
@@ -162,35 +238,46 @@ void check_device_has_code() {
 
 inline bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+template <typename T>
+constexpr int kind_of() {
+  return std::is_same<T, float>::value ? kF32 : (std::is_same<T, at::Half>::value ? kF16 : kBF16);
+}
+
 template <typename in_t, typename out_t>
-void launch(const Params& P, int64_t m) {
+void launch(const Params& base, int64_t m) {
   constexpr int kVec = 16 / sizeof(in_t);  // 16-byte loads: 8 x bf16/fp16, 4 x fp32
+  Params P = base;
   const bool vec_ok = P.k % kVec == 0 && P.input_row_stride % kVec == 0 && P.out_row_stride % kVec == 0 &&
                       aligned(P.input, 16) && aligned(P.out, sizeof(out_t) * kVec);
   const int vec = vec_ok ? kVec : 1;
+  P.addend_vec = P.addend != nullptr && P.addend_kind == kind_of<in_t>() &&
+                 (!vec_ok || (aligned(P.addend, 16) && P.addend_row_stride % kVec == 0));
   const int64_t vectors = (P.k + vec - 1) / vec;
-  int threads = 32;
-  while (threads < kMaxThreads && threads < vectors) threads *= 2;
-  const int64_t slices_needed = (vectors + threads - 1) / threads;
-  // Enough blocks for ~4 per SM; with many tokens, one block per row walks the whole row.
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t want_slices = (4 * sms + m - 1) / m;
+  // Decode (few tokens) is latency-bound: spread a row over many small blocks, down to one warp
+  // each, until the grid has ~2 blocks per SM. Many tokens: full blocks, one per row.
+  int threads = kMaxThreads;
+  auto div_up = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  while (threads > 32 && m * div_up(vectors, threads) < 2 * sms) threads /= 2;
+  while (threads > 32 && threads / 2 >= vectors) threads /= 2;  // no idle warps on a short row
+  const int64_t slices_needed = div_up(vectors, threads);
+  const int64_t want_slices = div_up(4 * sms, m);  // ~4 blocks per SM in all
   const int64_t slices = std::max<int64_t>(1, std::min<int64_t>({slices_needed, want_slices, 65535}));
   const dim3 grid(static_cast<unsigned>(m), static_cast<unsigned>(slices));
-  const size_t smem = static_cast<size_t>(P.topk) * (sizeof(int64_t) + sizeof(float));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (vec_ok) {
-    shuffle_mul_sum_kernel<in_t, out_t, kVec><<<grid, threads, smem, stream>>>(P);
+    shuffle_mul_sum_kernel<in_t, out_t, kVec><<<grid, threads, 0, stream>>>(P);
   } else {
-    shuffle_mul_sum_kernel<in_t, out_t, 1><<<grid, threads, smem, stream>>>(P);
+    shuffle_mul_sum_kernel<in_t, out_t, 1><<<grid, threads, 0, stream>>>(P);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+int float_kind(at::ScalarType t) { return t == at::kFloat ? kF32 : (t == at::kHalf ? kF16 : kBF16); }
+
 void combine_cuda(const at::Tensor& input, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
-                  const CombineShape& s, at::Tensor& dst) {
+                  const CombineShape& s, const CombineOptions& o, at::Tensor& dst) {
   TORCH_CHECK(input.is_cuda(), FMO_PREFIX "the CUDA kernel got input on ", input.device());
-  TORCH_CHECK(s.topk <= kMaxTopk, FMO_PREFIX "the CUDA kernel supports topk <= ", kMaxTopk, ", got topk = ", s.topk);
   TORCH_CHECK(s.m <= std::numeric_limits<int32_t>::max(), FMO_PREFIX "M must be < 2^31, got ", s.m);
   if (s.m == 0 || s.k == 0) return;
   const at::cuda::OptionalCUDAGuard guard(input.device());
@@ -205,9 +292,22 @@ void combine_cuda(const at::Tensor& input, const std::optional<at::Tensor>& perm
     P.perm_stride = permutation->stride(0);
   }
   P.factors = factors.data_ptr();
-  P.factor_kind = factors.scalar_type() == at::kFloat ? kF32 : (factors.scalar_type() == at::kHalf ? kF16 : kBF16);
+  P.factor_kind = float_kind(factors.scalar_type());
   P.factor_stride0 = factors.stride(0);
-  P.factor_stride1 = factors.stride(1);
+  P.factor_stride1 = factors.dim() > 1 ? factors.stride(1) : 0;
+  P.factors_per_row = o.factors_per_row;
+  P.negative_index = static_cast<int>(o.negative_index);
+  P.factor_round = static_cast<int>(o.factor_round);
+  P.scale = o.scale;
+  if (o.row_mask.has_value()) {
+    P.row_mask = o.row_mask->data_ptr<bool>();
+    P.row_mask_stride = o.row_mask->stride(0);
+  }
+  if (o.addend.has_value()) {
+    P.addend = o.addend->data_ptr();
+    P.addend_kind = float_kind(o.addend->scalar_type());
+    P.addend_row_stride = o.addend->stride(0);
+  }
   P.out = dst.data_ptr();
   P.out_row_stride = dst.stride(0);
   P.topk = s.topk;
@@ -224,6 +324,7 @@ void combine_cuda(const at::Tensor& input, const std::optional<at::Tensor>& perm
 TORCH_LIBRARY_IMPL(moe, CUDA, m) {
   m.impl("shuffle_mul_sum", &shuffle_mul_sum_functional<combine_cuda>);
   m.impl("shuffle_mul_sum.out", &shuffle_mul_sum_out<combine_cuda>);
+  m.impl("_shuffle_mul_sum_fused", &shuffle_mul_sum_fused<combine_cuda>);
 }
 
 }  // namespace fused_moe_ops

@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         fired = on_stats["rewrites"]
         print(f"fusion pass: {'fired' if fired else 'did NOT fire'} {fired} time(s) "
               f"{on_stats.get('by_pattern', {})}; with the pass disabled: {off_stats['rewrites']} rewrite(s)")
-    print(f"generated code calls moe.shuffle_mul_sum: fusion on: {'yes' if on_calls else 'no'}, "
+    print(f"generated code calls our op (moe._shuffle_mul_sum_fused): fusion on: {'yes' if on_calls else 'no'}, "
           f"fusion off: {'yes' if off_calls else 'no'}")
     scale = eager_out.abs().max().item() or 1.0
     ok = True

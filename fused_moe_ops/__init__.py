@@ -3,9 +3,11 @@
     import fused_moe_ops
     out = fused_moe_ops.shuffle_mul_sum(expert_out, permutation, topk_weights)   # or torch.ops.moe.shuffle_mul_sum
 
-Importing the package defines ``torch.ops.moe.shuffle_mul_sum``, builds (once, cached) and loads
-its CPU / CUDA kernels, and installs the Inductor pass that rewrites the eager combine spelling
-into the op under ``torch.compile``.
+Importing the package defines ``torch.ops.moe.shuffle_mul_sum`` and loads its CPU kernel (from the
+wheel, from the build cache, or compiled once; the CUDA kernel too where a GPU is visible), and
+arranges for the Inductor pass that rewrites the eager combine spelling into the op under
+``torch.compile`` to be installed when Inductor is imported (fusion/__init__.py). It imports
+neither Inductor, Dynamo, Triton nor setuptools itself: an eager user pays only for the kernels.
 """
 from .ops import shuffle_mul_sum  # noqa: F401  (defines the schema and the fake)
 from .reference import shuffle_mul_sum_reference  # noqa: F401
@@ -13,9 +15,8 @@ from . import _registry
 
 _registry.setup()
 
-try:  # the fusion pass (fused_moe_ops/fusion/); optional until it lands
-    from .fusion import disable_fusion, enable_fusion, fusion_enabled, fusion_stats, reset_fusion_stats  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+# The fusion pass's switch and counters (cheap: the pass itself, and Inductor, load when Inductor is
+# first imported; fusion/__init__.py).
+from .fusion import disable_fusion, enable_fusion, fusion_enabled, fusion_stats, reset_fusion_stats  # noqa: F401,E402
 
 __version__ = "0.1.0"

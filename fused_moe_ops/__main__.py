@@ -8,8 +8,8 @@ build that failed, the compiler's full message.
     python -m fused_moe_ops            # human-readable report
     python -m fused_moe_ops --json     # the same facts as JSON (used by tests/test_env_report.py)
 
-Importing the package is what builds (or finds in the cache) the kernels, so the report shows
-exactly what an ``import fused_moe_ops`` in this environment gets. The exit status is 0 even when
+Importing the package is what loads (from the wheel or the cache) or builds the kernels, so the
+report shows exactly what an ``import fused_moe_ops`` in this environment gets. The exit status is 0 even when
 a build failed (the op still works on a fallback); ``--strict`` makes a failed build exit 1.
 """
 from __future__ import annotations
@@ -27,6 +27,8 @@ ENV_VARS = (
     "FUSED_MOE_OPS_CACHE",
     "FUSED_MOE_OPS_NO_BUILD",
     "FUSED_MOE_OPS_NO_CUDA",
+    "FUSED_MOE_OPS_BUILD_CUDA",
+    "ATEN_CPU_CAPABILITY",
     "FUSED_MOE_OPS_CUDA_BACKEND",
     "FUSED_MOE_OPS_DISABLE_FUSION",
     "CUDA_HOME",
@@ -144,6 +146,9 @@ def collect() -> Dict[str, Any]:
             "library": r.library,
             "build_dir": r.build_dir,
             "built_now": r.built_now,
+            "origin": r.origin,
+            "isa": r.isa,
+            "note": r.note,
             "flags": list(r.flags),
         }
 
@@ -181,7 +186,9 @@ def _headline(error: Optional[str]) -> str:
 
 def _build_line(b: Dict[str, Any]) -> str:
     if b["state"] == "ok":
-        return f"ok ({'compiled now' if b['built_now'] else 'from cache'})  {b['library']}"
+        origin = {"wheel": "from the wheel", "cache": "from cache", "compiled": "compiled now"}.get(b["origin"], "")
+        isa = f", {b['isa']}" if b.get("isa") else ""
+        return f"ok ({origin}{isa})  {b['library']}"
     if b["state"] == "skipped":
         return f"skipped: {b['skipped']}"
     if b["state"] == "failed":
@@ -222,6 +229,9 @@ def render(info: Dict[str, Any]) -> str:
         add(f"  {kind} kernel registered at {where}")
     for kind, why in info["fallback_reasons"].items():
         add(f"  {kind} fallback because: {why}")
+    for kind in ("cpu", "cuda"):
+        if info["builds"][kind].get("note"):
+            add(f"  {kind}: {info['builds'][kind]['note']}")
     add("")
     fu = info["fusion"]
     if fu["installed"]:

@@ -3,7 +3,9 @@
     CPU : the C++ kernel (csrc/shuffle_mul_sum_cpu.cpp); if it could not be built, the reference.
     CUDA: the C++ CUDA kernel (csrc/shuffle_mul_sum_cuda.cu); if it could not be built, the Triton
           kernel (fused_moe_ops/triton_kernel.py); if Triton is missing, the reference.
-          FUSED_MOE_OPS_CUDA_BACKEND=cuda|triton|reference forces one.
+          FUSED_MOE_OPS_CUDA_BACKEND=cuda|triton|reference forces one. Where no GPU is visible no CUDA
+          tensor can reach the op: the CUDA key gets the reference, and neither the CUDA library nor
+          Triton is loaded (both cost import time), unless asked for (_build.py).
     Meta / FakeTensor: ops.py's fake.
 
 A fallback is announced with one warning that says why (the compiler's full message is in
@@ -18,8 +20,8 @@ from typing import Dict, Optional
 import torch
 
 from . import _build
-from .ops import QUALNAME, _lib, check_args, check_out
-from .reference import shuffle_mul_sum_reference, shuffle_mul_sum_reference_out
+from .ops import FUSED_OP_NAME, QUALNAME, _lib, check_args, check_out
+from .reference import shuffle_mul_sum_fused_reference, shuffle_mul_sum_reference, shuffle_mul_sum_reference_out
 
 CUDA_BACKENDS = ("cuda", "triton", "reference")
 
@@ -64,9 +66,10 @@ def _short(msg: str, limit: int = 300) -> str:
     return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
-def _register_python(key: str, functional, out_variant) -> None:
+def _register_python(key: str, functional, out_variant, fused=shuffle_mul_sum_fused_reference) -> None:
     _lib.impl("shuffle_mul_sum", functional, key)
     _lib.impl("shuffle_mul_sum.out", out_variant, key)
+    _lib.impl(FUSED_OP_NAME, fused, key)
 
 
 def _reference_functional(input, permutation, factors, out_dtype=None):
@@ -106,18 +109,19 @@ def _setup_cuda() -> None:
     if forced is not None and forced not in CUDA_BACKENDS:
         raise ValueError(f"FUSED_MOE_OPS_CUDA_BACKEND must be one of {', '.join(CUDA_BACKENDS)}, got {forced!r}")
     reasons = []
+    gpu = _build.gpu_visible()
     if forced in (None, "cuda"):
-        result = _build.build_cuda()
+        result = _build.build_cuda(on_import=True)
         if result.ok:
             ACTIVE["cuda"] = "cuda"
             return
         reasons.append(f"CUDA kernel not built: {result.skipped or _short(result.error or '')}")
-    if forced in (None, "triton"):
+    if forced == "triton" or (forced is None and gpu):
         why = _triton_unavailable()
         if why is None:
-            from .triton_kernel import shuffle_mul_sum_triton, shuffle_mul_sum_triton_out
+            from .triton_kernel import shuffle_mul_sum_fused_triton, shuffle_mul_sum_triton, shuffle_mul_sum_triton_out
 
-            _register_python("CUDA", shuffle_mul_sum_triton, shuffle_mul_sum_triton_out)
+            _register_python("CUDA", shuffle_mul_sum_triton, shuffle_mul_sum_triton_out, shuffle_mul_sum_fused_triton)
             ACTIVE["cuda"] = "triton"
             FALLBACK_REASONS["cuda"] = "; ".join(reasons) or "forced by FUSED_MOE_OPS_CUDA_BACKEND"
             return
@@ -126,7 +130,7 @@ def _setup_cuda() -> None:
     ACTIVE["cuda"] = "reference"
     FALLBACK_REASONS["cuda"] = "; ".join(reasons) or "forced by FUSED_MOE_OPS_CUDA_BACKEND"
     # Only worth a warning where CUDA tensors can actually reach the op.
-    if torch.cuda.is_available() and forced is None:
+    if gpu and forced is None:
         warnings.warn(
             f"fused_moe_ops: moe::shuffle_mul_sum runs on the plain-PyTorch reference on CUDA "
             f"({FALLBACK_REASONS['cuda']}).",

@@ -34,10 +34,31 @@ OUT_SCHEMA = (
     "Tensor(a!) out) -> Tensor(a!)"
 )
 
+# The internal op the fusion pass emits (not public API: its schema may change with the pass). It is
+# the public op plus the facts that would otherwise need a kernel of their own around the call, so
+# that a rewritten graph launches exactly one kernel for the combine and its consumer:
+#   negative_index  0: skip negative entries (the public op); 1: wrap them as x[idx] does
+#                   (-R <= p < 0 reads row p + R, p < -R is an error); 2: every negative entry is an
+#                   error (x.index_select(0, idx))
+#   factor_round    0: none; 1 / 2: round each factor to float16 / bfloat16 first (w.to(dtype)).
+#                   An int, not a ScalarType: AOTInductor < 2.12 misreads ScalarType arguments of
+#                   custom ops (pytorch#169157)
+#   factors         (M, topk) per slot, or (R,) per input row: slot (i, j) uses factors[p] for its
+#                   (wrapped) row p (weights applied before the gather); then permutation is (M, topk)
+#   scale, addend   out = scale * sum + addend, in float32, rounded once; addend broadcastable to
+#                   (M, K), or with more than 2 dims M*K elements in (M, K) order; any float dtype
+#   row_mask        bool (R,): a row whose entry is true contributes nothing (a row masked to zero
+#                   before the combine, as HF transformers masks its sentinel rows), NaN/inf included
+# A 2-D permutation must be (M, topk); it is read row-major.
+FUSED_OP_NAME = "_shuffle_mul_sum_fused"
+FUSED_SCHEMA = (
+    f"{FUSED_OP_NAME}(Tensor input, Tensor? permutation, Tensor factors, ScalarType? out_dtype=None, "
+    "int negative_index=0, int factor_round=0, float scale=1.0, Tensor? addend=None, Tensor? row_mask=None) -> Tensor"
+)
+SKIP_NEGATIVE, WRAP_NEGATIVE, NEGATIVE_IS_ERROR = 0, 1, 2
+FACTOR_ROUND = {None: 0, torch.float16: 1, torch.bfloat16: 2}
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The CUDA kernel stages a row's (index, factor) pairs in shared memory: kMaxTopk in
-# csrc/shuffle_mul_sum_cuda.cu. The fusion pass never rewrites a larger (or unknown) topk on CUDA.
-CUDA_MAX_TOPK = 2048
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 # The library object must stay alive for the definitions to stay registered.
@@ -48,6 +69,7 @@ _lib.define(FUNCTIONAL_SCHEMA)
 # return. Older torch has no such tag: there .out works in eager code only.
 OUT_IS_FUNCTIONALIZABLE = hasattr(torch.Tag, "out")
 _lib.define(OUT_SCHEMA, tags=(torch.Tag.out,) if OUT_IS_FUNCTIONALIZABLE else ())
+_lib.define(FUSED_SCHEMA)
 
 
 def _names(dtypes) -> str:
@@ -132,6 +154,67 @@ def check_out(out: Tensor, input: Tensor, m, k) -> None:
         out.device == input.device,
         lambda: f"{p}out must be on the same device as input ({input.device}), got {out.device}",
     )
+
+
+def addend_fits(addend: Tensor, m, k) -> bool:
+    """Broadcastable to (M, K), or, with more than two dimensions, M*K elements in row-major (M, K)
+    order (the residual of ``out.view(b, s, h) + r``). Same rule as csrc/shuffle_mul_sum.h."""
+    if addend.dim() > 2:
+        return addend.shape[-1] == k and addend.numel() == m * k
+    return all(size == 1 or size == want for size, want in zip(reversed(addend.shape), (k, m)))
+
+
+def addend_as_rows(addend: Tensor, m, k) -> Tensor:
+    return addend.reshape(m, k) if addend.dim() > 2 else addend.expand(m, k)
+
+
+def check_fused_args(input: Tensor, permutation: Optional[Tensor], factors: Tensor, out_dtype: Optional[torch.dtype],
+                     negative_index: int, factor_round: int, addend: Optional[Tensor],
+                     row_mask: Optional[Tensor] = None) -> tuple:
+    """Validate the internal op's arguments; return (M, topk, K). Same rules and messages as
+    csrc/shuffle_mul_sum.h's check_fused_args."""
+    p = "moe::shuffle_mul_sum: "
+    torch._check(negative_index in (SKIP_NEGATIVE, WRAP_NEGATIVE, NEGATIVE_IS_ERROR),
+                 lambda: f"{p}negative_index must be 0 (skip), 1 (wrap) or 2 (error), got {negative_index}")
+    torch._check(factor_round in FACTOR_ROUND.values(),
+                 lambda: f"{p}factor_round must be 0 (none), 1 (float16) or 2 (bfloat16), got {factor_round}")
+    if factors.dim() != 1:
+        if permutation is not None and permutation.dim() == 2:
+            torch._check(tuple(permutation.shape) == tuple(factors.shape),
+                         lambda: f"{p}a 2-D permutation must have the factors' shape (M, topk) = "
+                         f"{tuple(factors.shape)}, got {tuple(permutation.shape)}")
+            permutation = permutation.reshape(-1)
+        m, topk, k = check_args(input, permutation, factors, out_dtype)
+    else:
+        torch._check(permutation is not None and permutation.dim() == 2,
+                     lambda: f"{p}per-row factors need the permutation as a 2-D (M, topk) tensor")
+        torch._check(factors.shape[0] == input.shape[0],
+                     lambda: f"{p}per-row factors must be a 1-D tensor of input.shape[0] = {input.shape[0]} "
+                     f"entries, got shape {tuple(factors.shape)}")
+        like = factors.new_empty(()).expand(permutation.shape[0], permutation.shape[1])
+        m, topk, k = check_args(input, permutation.reshape(-1), like, out_dtype)
+    if addend is not None:
+        torch._check(addend_fits(addend, m, k),
+                     lambda: f"{p}addend must broadcast to (M, K) = ({m}, {k}) or, with more than 2 dimensions, "
+                     f"hold M*K elements with last dimension K, got {tuple(addend.shape)}")
+        torch._check(addend.dtype in FLOAT_DTYPES,
+                     lambda: f"{p}addend must have dtype {_names(FLOAT_DTYPES)}, got {addend.dtype}")
+        torch._check(addend.device == input.device,
+                     lambda: f"{p}addend must be on the same device as input ({input.device}), got {addend.device}")
+    if row_mask is not None:
+        torch._check(row_mask.dtype == torch.bool and row_mask.dim() == 1 and row_mask.shape[0] == input.shape[0],
+                     lambda: f"{p}row_mask must be a 1-D bool tensor of input.shape[0] = {input.shape[0]} entries, "
+                     f"got {row_mask.dtype} of shape {tuple(row_mask.shape)}")
+        torch._check(row_mask.device == input.device,
+                     lambda: f"{p}row_mask must be on the same device as input ({input.device}), got {row_mask.device}")
+    return m, topk, k
+
+
+@torch.library.register_fake(f"{NAMESPACE}::{FUSED_OP_NAME}")
+def _shuffle_mul_sum_fused_fake(input, permutation, factors, out_dtype=None, negative_index=0, factor_round=0,
+                                scale=1.0, addend=None, row_mask=None):
+    m, _, k = check_fused_args(input, permutation, factors, out_dtype, negative_index, factor_round, addend, row_mask)
+    return input.new_empty((m, k), dtype=out_dtype if out_dtype is not None else input.dtype)
 
 
 @torch.library.register_fake(QUALNAME)

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import check_args, check_out
+from .ops import addend_as_rows, check_args, check_fused_args, check_out
 
 try:
     import triton
@@ -106,62 +106,110 @@ if triton is not None:
     # debug=True keeps tl.device_assert (the permutation range check) in the compiled kernel.
     # All index arithmetic is int64, so debug mode's integer-overflow checks (which only cover
     # narrower types) add nothing to the hot loop.
-    @_autotune(configs=_configs(), key=["K", "TOPK_P2", "M_CLASS"])
+    @triton.jit
+    def _round_to_bf16(x):
+        # float32 -> bfloat16 -> float32, round to nearest even, as torch's .to(bfloat16) rounds. By
+        # bits, because the CPU interpreter's cast truncates where the compiled cast rounds.
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+
+    @_autotune(configs=_configs(), key=["K", "TOPK_BLOCK", "M_CLASS"])
     @triton.jit(debug=True)
     def _shuffle_mul_sum_kernel(
-        in_ptr, perm_ptr, fac_ptr, out_ptr,
+        in_ptr, perm_ptr, fac_ptr, out_ptr, add_ptr, mask_ptr,
         R, K, TOPK,
-        stride_in, stride_perm, stride_f0, stride_f1, stride_out,
+        stride_in, stride_perm, stride_f0, stride_f1, stride_out, stride_add, stride_mask,
+        scale,
         M_CLASS,
         HAS_PERM: tl.constexpr,
-        TOPK_P2: tl.constexpr,
+        NEGATIVE_INDEX: tl.constexpr,   # 0 skip, 1 wrap as x[idx], 2 error (ops.py: FUSED_SCHEMA)
+        FACTOR_ROUND: tl.constexpr,     # 0 none, 1 float16, 2 bfloat16
+        FACTORS_PER_ROW: tl.constexpr,  # factors[p] instead of factors[i, j]
+        HAS_SCALE: tl.constexpr,
+        HAS_ADDEND: tl.constexpr,
+        HAS_ROW_MASK: tl.constexpr,     # mask[p] true: row p contributes nothing
+        TOPK_BLOCK: tl.constexpr,       # slots loaded per step: any topk, bounded registers
         ROUND_BF16_RNE: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         i = tl.program_id(0).to(tl.int64)
         kb = tl.program_id(1).to(tl.int64)
-        j = tl.arange(0, TOPK_P2).to(tl.int64)
-        j_ok = j < TOPK
-        slot = i * TOPK + j
-        if HAS_PERM:
-            p = tl.load(perm_ptr + slot * stride_perm, mask=j_ok, other=-1).to(tl.int64)
-        else:
-            p = slot
-        tl.device_assert((p < R) | ~j_ok, "moe::shuffle_mul_sum: permutation entry >= input.shape[0]")
-        live = j_ok & (p >= 0) & (p < R)  # negative entries contribute nothing
-        w = tl.load(fac_ptr + i * stride_f0 + j * stride_f1, mask=live, other=0.0).to(tl.float32)
-
         cols = kb * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
         col_ok = cols < K
-        rows = tl.where(live, p, 0)
-        x = tl.load(
-            in_ptr + rows[:, None] * stride_in + cols[None, :],
-            mask=live[:, None] & col_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc = tl.sum(x * w[:, None], axis=0)
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for j0 in range(0, TOPK, TOPK_BLOCK):
+            j = j0 + tl.arange(0, TOPK_BLOCK).to(tl.int64)
+            j_ok = j < TOPK
+            slot = i * TOPK + j
+            if HAS_PERM:
+                p = tl.load(perm_ptr + slot * stride_perm, mask=j_ok, other=-1).to(tl.int64)
+            else:
+                p = slot
+            if NEGATIVE_INDEX == 0:
+                tl.device_assert((p < R) | ~j_ok, "moe::shuffle_mul_sum: permutation entry >= input.shape[0]")
+            elif NEGATIVE_INDEX == 1:
+                tl.device_assert(((p < R) & (p >= -R)) | ~j_ok,
+                                 "moe::shuffle_mul_sum: permutation entry outside [-input.shape[0], input.shape[0])")
+                p = tl.where(p < 0, p + R, p)
+            else:
+                tl.device_assert(((p < R) & (p >= 0)) | ~j_ok,
+                                 "moe::shuffle_mul_sum: permutation entry outside [0, input.shape[0])")
+            live = j_ok & (p >= 0) & (p < R)  # negative entries contribute nothing
+            if HAS_ROW_MASK:
+                masked = tl.load(mask_ptr + tl.where(live, p, 0) * stride_mask, mask=live, other=0).to(tl.int1)
+                live = live & ~masked
+            if FACTORS_PER_ROW:
+                w = tl.load(fac_ptr + p * stride_f0, mask=live, other=0.0).to(tl.float32)
+            else:
+                w = tl.load(fac_ptr + i * stride_f0 + j * stride_f1, mask=live, other=0.0).to(tl.float32)
+            if FACTOR_ROUND == 1:
+                w = w.to(tl.float16).to(tl.float32)
+            elif FACTOR_ROUND == 2:
+                w = _round_to_bf16(w)
+            rows = tl.where(live, p, 0)
+            x = tl.load(
+                in_ptr + rows[:, None] * stride_in + cols[None, :],
+                mask=live[:, None] & col_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(x * w[:, None], axis=0)
+        if HAS_SCALE:
+            acc = acc * scale
+        if HAS_ADDEND:
+            acc += tl.load(add_ptr + i * stride_add + cols, mask=col_ok, other=0.0).to(tl.float32)
         if ROUND_BF16_RNE:
             # Interpreter only: its float32 -> bfloat16 cast truncates, where the compiled cast
             # rounds to nearest even. Round here so the bfloat16 conversion below is exact.
-            b = acc.to(tl.uint32, bitcast=True)
-            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-            acc = b.to(tl.float32, bitcast=True)
+            acc = _round_to_bf16(acc)
         tl.store(out_ptr + i * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+# Slots per step of the kernel's top-k loop: all of them up to 16 (one step for every real MoE
+# router), then steps of 16, so registers stay bounded at any topk.
+MAX_TOPK_BLOCK = 16
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _launch(input: Tensor, permutation: Optional[Tensor], factors: Tensor, dst: Tensor, m: int, topk: int, k: int):
-    """Write the result into ``dst`` ((M, K), last dim dense). No host synchronisation."""
+def _launch(input: Tensor, permutation: Optional[Tensor], factors: Tensor, dst: Tensor, m: int, topk: int, k: int,
+            negative_index: int = 0, factor_round: int = 0, scale: float = 1.0, addend: Optional[Tensor] = None,
+            row_mask: Optional[Tensor] = None):
+    """Write the result into ``dst`` ((M, K), last dim dense). No host synchronisation.
+    ``permutation`` is 1-D; ``factors`` (M, topk), or (R,) per input row."""
     if m == 0 or k == 0:
         return
-    if topk == 0:
+    if topk == 0 and addend is None:
         dst.zero_()
         return
     if k > 1 and input.stride(1) != 1:
         input = input.contiguous()
+    if addend is not None:
+        addend = addend_as_rows(addend, m, k)
+        if k > 1 and addend.stride(1) != 1:
+            addend = addend.contiguous()
     rows = input.shape[0]
     if rows == 0:
         # Every entry must be negative (the assertion checks p < 0 = R); the kernel reads nothing
@@ -172,16 +220,28 @@ def _launch(input: Tensor, permutation: Optional[Tensor], factors: Tensor, dst: 
         # range on the host instead. These are CPU tensors, so there is nothing to synchronise.
         from .reference import check_permutation_range
 
-        check_permutation_range(permutation, rows)
+        check_permutation_range(permutation, rows, negative_index)
+    per_row = factors.dim() == 1
     grid = lambda meta: (m, triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
     _shuffle_mul_sum_kernel[grid](
         input, permutation if permutation is not None else input, factors, dst,
+        addend if addend is not None else dst,
+        row_mask if row_mask is not None else dst,
         rows, k, topk,
         input.stride(0), permutation.stride(0) if permutation is not None else 0,
-        factors.stride(0), factors.stride(1), dst.stride(0),
+        factors.stride(0), 0 if per_row else factors.stride(1), dst.stride(0),
+        addend.stride(0) if addend is not None else 0,
+        row_mask.stride(0) if row_mask is not None else 0,
+        float(scale),
         _m_class(m),
         HAS_PERM=permutation is not None,
-        TOPK_P2=_next_pow2(topk),
+        NEGATIVE_INDEX=negative_index,
+        FACTOR_ROUND=factor_round,
+        FACTORS_PER_ROW=per_row,
+        HAS_SCALE=scale != 1.0,
+        HAS_ADDEND=addend is not None,
+        HAS_ROW_MASK=row_mask is not None,
+        TOPK_BLOCK=min(_next_pow2(max(topk, 1)), MAX_TOPK_BLOCK),
         ROUND_BF16_RNE=INTERPRET and dst.dtype == torch.bfloat16,
     )
 
@@ -216,4 +276,19 @@ def shuffle_mul_sum_triton_out(input: Tensor, permutation: Optional[Tensor], fac
     _launch(input, permutation, factors, dst, m, topk, k)
     if not direct:
         out.copy_(dst)
+    return out
+
+
+def shuffle_mul_sum_fused_triton(
+    input: Tensor, permutation: Optional[Tensor], factors: Tensor, out_dtype: Optional[torch.dtype] = None,
+    negative_index: int = 0, factor_round: int = 0, scale: float = 1.0, addend: Optional[Tensor] = None,
+    row_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """The internal op ``moe::_shuffle_mul_sum_fused`` (ops.py: FUSED_SCHEMA) on the Triton kernel."""
+    m, topk, k = check_fused_args(input, permutation, factors, out_dtype, negative_index, factor_round, addend,
+                                  row_mask)
+    out = torch.empty((m, k), dtype=out_dtype if out_dtype is not None else input.dtype, device=input.device)
+    _check_usable()
+    _launch(input, None if permutation is None else permutation.reshape(-1), factors, out, m, topk, k,
+            negative_index, factor_round, scale, addend, row_mask)
     return out

@@ -32,8 +32,12 @@ shows it), while a correct fp32 kernel is always inside it.
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import zlib
+from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import pytest
@@ -71,6 +75,69 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:  # the marker, not a keyword/param id named "cuda"
             item.add_marker(skip)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Child interpreters (device-side asserts, heavy compiles: what could take this process down)
+# ----------------------------------------------------------------------------------------------
+
+def child_env(**extra) -> dict:
+    """This process's environment with the checkout first on PYTHONPATH (a child started from any
+    cwd imports the same fused_moe_ops, and finds the same build cache)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
+def describe_exit(proc: subprocess.CompletedProcess, tail: int = 3000) -> str:
+    """How a child ended (exit status, or the signal that killed it) and the end of its output."""
+    rc = proc.returncode
+    if rc < 0:
+        try:
+            how = f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            how = f"killed by signal {-rc}"
+    else:
+        how = f"exit status {rc}"
+    return f"child {how}\n--- stdout ---\n{proc.stdout[-tail:]}\n--- stderr ---\n{proc.stderr[-tail:]}"
+
+
+# After a device-side assert the CUDA context is dead: any later CUDA call of the process (the
+# interpreter's own teardown included) can fail, hang or crash. So such a call runs in a child
+# that reports what it caught and leaves with os._exit, and the test checks both.
+DEVICE_ERROR_CHILD = """
+import os, sys
+try:
+{body}
+    import torch
+    torch.cuda.synchronize()
+except Exception as e:
+    print("RAISED", type(e).__name__, " ".join(str(e).split())[:500], flush=True)
+else:
+    print("NO ERROR", flush=True)
+sys.stderr.flush()
+os._exit(0)
+"""
+
+
+def run_device_error_child(body: str, timeout: int = 300) -> str:
+    """Run `body` (statements, indented by 4) in a child interpreter that expects a device-side
+    error; assert it caught one (a device-side assert, or the host-side IndexError of a fallback
+    that checks on the host) and exited cleanly. Returns the RAISED line."""
+    code = DEVICE_ERROR_CHILD.format(body=body)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          cwd=str(ROOT), env=child_env())
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("RAISED", "NO ERROR"))]
+    assert lines, f"the child reported nothing; {describe_exit(proc)}"
+    assert lines[-1].startswith("RAISED"), f"an out-of-range entry did not raise; {describe_exit(proc)}"
+    assert "device-side assert" in lines[-1] or ("IndexError" in lines[-1] and "out of range" in lines[-1]), \
+        f"not the device-side range check's error: {lines[-1]}; {describe_exit(proc)}"
+    assert proc.returncode == 0, f"the error was caught, but then {describe_exit(proc)}"
+    return lines[-1]
 
 
 def seed_of(*parts) -> int:

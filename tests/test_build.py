@@ -1,12 +1,23 @@
-"""The native build: the CUDA sources compile and register, and the build cache behaves.
+"""The native build: the CUDA sources compile and register, and the JIT build cache behaves.
 
 On a machine with a CUDA torch and nvcc but no GPU (CI, the development machine) the CUDA
-kernel cannot run, but it must compile, load and register for the CUDA dispatch key. With
-CI=true that test must run, not skip: a CI machine without the toolkit is a broken CI machine.
+kernel cannot run, and `import fused_moe_ops` does not build it there; but it must compile, load
+and register for the CUDA dispatch key when asked (FUSED_MOE_OPS_BUILD_CUDA=1, `python -m
+fused_moe_ops.build --cuda`). With CI=true that test must run, not skip: a CI machine without the
+toolkit is a broken CI machine.
+
+The cache: a finished build is loaded without ninja or torch.utils.cpp_extension; two checkouts
+with the same sources share one build and never rebuild each other; concurrent first imports (the
+ranks of one job) build once.
 """
+import json
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +26,23 @@ import fused_moe_ops
 from fused_moe_ops import _build, _registry
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY_MODULES = ("torch._inductor", "torch._dynamo", "triton", "setuptools", "torch.utils.cpp_extension")
 
 
 def _kernel_registered(key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("moe::shuffle_mul_sum", key)
+
+
+def _python(code: str, *, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ if env is None else env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=full_env)
+
+
+def _last_json(proc: subprocess.CompletedProcess):
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_cpu_kernel_is_the_native_one():
@@ -28,47 +52,123 @@ def test_cpu_kernel_is_the_native_one():
     assert _kernel_registered("CPU")
     # The CPU registration comes from our C++ source, not from a Python fallback.
     assert "shuffle_mul_sum_cpu.cpp" in torch._C._dispatch_dump("moe::shuffle_mul_sum")
+    # The library says which copy of the kernel it runs: the JIT build's is the host's ISA.
+    if result.origin != "wheel":
+        assert result.isa == _build.cpu_isa().upper()
 
 
-def test_cuda_sources_compile_and_register():
+# --- CUDA: compiled on request, here without a GPU ------------------------------------------------
+
+CUDA_PROBE = """
+    import json, torch, fused_moe_ops
+    from fused_moe_ops import _build, _registry
+    r = _build.RESULTS["cuda"]
+    print(json.dumps({"ok": r.ok, "error": r.error, "skipped": r.skipped, "library": r.library,
+                      "active": _registry.ACTIVE.get("cuda"),
+                      "dump": torch._C._dispatch_dump("moe::shuffle_mul_sum"),
+                      "out_has_cuda": torch._C._dispatch_has_kernel_for_dispatch_key("moe::shuffle_mul_sum.out", "CUDA")}))
+"""
+
+
+@pytest.fixture(scope="module")
+def cuda_build():
+    """`python -m fused_moe_ops.build --cuda` (compiles the CUDA kernel here if the cache lacks it), then
+    what a fresh process with FUSED_MOE_OPS_BUILD_CUDA=1 loads."""
     why_not = _build.cuda_build_possible()
     if why_not is not None:
         if IN_CI:
             pytest.fail(f"CI must compile the CUDA sources, but: {why_not}")
         pytest.skip(why_not)
-    result = _build.RESULTS.get("cuda") or _build.build_cuda()
-    assert result.ok, f"CUDA build failed:\n{result.error}"
-    assert os.path.isfile(result.library)
-    assert _registry.ACTIVE["cuda"] == "cuda"
-    assert _kernel_registered("CUDA")
-    dump = torch._C._dispatch_dump("moe::shuffle_mul_sum")
-    assert "shuffle_mul_sum_cuda.cu" in dump, dump
+    build = subprocess.run([sys.executable, "-m", "fused_moe_ops.build", "--cuda"], capture_output=True,
+                           text=True, timeout=1800, cwd=str(ROOT))
+    probe = _python(CUDA_PROBE, cwd=str(ROOT), env=dict(os.environ, FUSED_MOE_OPS_BUILD_CUDA="1"))
+    return build, _last_json(probe)
+
+
+def test_cuda_sources_compile_and_register(cuda_build):
+    build, info = cuda_build
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert "cuda  ok" in build.stdout, build.stdout
+    assert info["ok"], f"CUDA build failed:\n{info['error'] or info['skipped']}"
+    assert os.path.isfile(info["library"])
+    assert info["active"] == "cuda"
+    assert "shuffle_mul_sum_cuda.cu" in info["dump"], info["dump"]
     # Both overloads are served by the CUDA library.
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("moe::shuffle_mul_sum.out", "CUDA")
+    assert info["out_has_cuda"]
 
 
-def test_cuda_library_targets_sm80_and_sm90_with_ptx():
-    result = _build.RESULTS.get("cuda")
-    if result is None or not result.ok:
-        if IN_CI and _build.cuda_build_possible() is None:
-            pytest.fail("CUDA library missing in CI")
-        pytest.skip("no CUDA build here")
+def test_cuda_library_targets_sm80_and_sm90_with_ptx(cuda_build):
+    _, info = cuda_build
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         pytest.skip("TORCH_CUDA_ARCH_LIST overrides the default targets")
     # Machine code for A100-class and H100/H200, PTX so newer GPUs (Blackwell) JIT it.
-    assert _build.fatbin_targets(result.library) == ["sm_80", "sm_90", "compute_90"]
+    assert _build.fatbin_targets(info["library"]) == ["sm_80", "sm_90", "compute_90"]
 
 
-def test_second_process_finds_the_cached_build():
-    # A fresh process must load the libraries from the cache without compiling again.
-    code = (
-        "import fused_moe_ops; from fused_moe_ops import _build; "
-        "print({k: (r.ok, r.built_now) for k, r in _build.RESULTS.items()})"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert "compiling" not in proc.stderr, proc.stderr
-    assert "'cpu': (True, False)" in proc.stdout, proc.stdout
+def test_cuda_not_built_on_import_without_gpu():
+    if torch.cuda.device_count() > 0:
+        pytest.skip("a GPU is visible: import builds the CUDA kernel")
+    r = _build.RESULTS["cuda"]
+    assert not r.ok and r.skipped, r
+    if r.skipped not in ("FUSED_MOE_OPS_NO_CUDA=1", "FUSED_MOE_OPS_NO_BUILD=1") and _build.cuda_build_possible() is None:
+        assert r.skipped == _build.NO_GPU_REASON
+
+
+# --- the cache --------------------------------------------------------------------------------
+
+LOAD_PROBE = """
+    import json, sys
+    import fused_moe_ops
+    from fused_moe_ops import _build
+    r = _build.RESULTS["cpu"]
+    print(json.dumps({"ok": r.ok, "built_now": r.built_now, "origin": r.origin, "library": r.library,
+                      "build_dir": r.build_dir, "package": fused_moe_ops.__file__,
+                      "heavy": [m for m in %r if m in sys.modules]}))
+""" % (HEAVY_MODULES,)
+
+
+def test_second_process_loads_the_cached_build_without_ninja():
+    # A fresh process loads the library from the cache: no compile, no ninja run (nothing in the build
+    # directory changes), no torch.utils.cpp_extension import.
+    result = _build.RESULTS["cpu"]
+    if result.origin == "wheel":
+        pytest.skip("the package is an installed wheel: no JIT cache in use")
+    before = {p: p.stat().st_mtime_ns for p in Path(result.build_dir).iterdir() if p.is_file()}
+    info = _last_json(_python(LOAD_PROBE, cwd=str(ROOT)))
+    assert info == dict(info, ok=True, built_now=False, origin="cache", library=result.library), info
+    assert info["heavy"] == [], info
+    after = {p: p.stat().st_mtime_ns for p in Path(result.build_dir).iterdir() if p.is_file()}
+    assert after == before
+
+
+def _checkout_copy(dest: Path) -> Path:
+    """A second checkout: the package and csrc/ copied elsewhere (same contents, another path)."""
+    shutil.copytree(ROOT / "fused_moe_ops", dest / "fused_moe_ops",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "_prebuilt.json"))
+    shutil.copytree(ROOT / "csrc", dest / "csrc")
+    return dest
+
+
+def test_two_checkouts_share_one_build_and_never_rebuild_each_other(tmp_path):
+    """The cache key is the content, and the build directory names no checkout: imports alternating
+    between this checkout and two copies of it all load the one cached build."""
+    result = _build.RESULTS["cpu"]
+    if result.origin == "wheel":
+        pytest.skip("the package is an installed wheel: no JIT cache in use")
+    a, b = _checkout_copy(tmp_path / "a"), _checkout_copy(tmp_path / "b")
+    ninja = Path(result.build_dir) / "build.ninja"
+    ninja_before = ninja.read_bytes() if ninja.exists() else None
+    for checkout in (a, b, a, b):
+        env = dict(os.environ, PYTHONPATH=str(checkout))
+        info = _last_json(_python(LOAD_PROBE, cwd=str(checkout), env=env))
+        assert info["package"].startswith(str(checkout)), info
+        assert info == dict(info, ok=True, built_now=False, origin="cache", library=result.library), info
+    if ninja_before is not None:
+        assert ninja.read_bytes() == ninja_before
+        # It names the copies in the build directory, never a checkout's csrc/ (torch's include
+        # directories, from whichever venv built it first, do not matter: same torch version).
+        assert str(_build.csrc_dir()) not in ninja_before.decode(), "the ninja file names a checkout's sources"
+        assert str(Path(result.build_dir) / "src") in ninja_before.decode()
 
 
 def test_build_dir_changes_when_sources_change(tmp_path):
@@ -80,10 +180,67 @@ def test_build_dir_changes_when_sources_change(tmp_path):
     copy.write_bytes(src.read_bytes() + b"\n// changed\n")
     assert _build._tag("cpu", [copy], flags) != tag
     assert _build._tag("cpu", [src], flags + ["-DX"]) != tag
+    # Same contents at another path: same tag.
+    same = tmp_path / "same"
+    same.mkdir()
+    shutil.copyfile(src, same / src.name)
+    assert _build._tag("cpu", [same / src.name], flags) == tag
+
+
+RANK = """
+    import sys, time
+    from pathlib import Path
+    from fused_moe_ops import _build
+    build_dir, rank, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    (build_dir.parent / f"ready.{rank}").touch()
+    while len(list(build_dir.parent.glob("ready.*"))) < n:  # start together, like the ranks of a job
+        time.sleep(0.01)
+
+    def build():
+        with open(build_dir.parent / "builds.log", "a") as log:
+            log.write(rank + "\\n")
+        time.sleep(2.0)  # a build that takes a while: the others must wait, not start their own
+        (build_dir / "lib.so").write_text("built by " + rank)
+
+    ran = _build.build_once(build_dir, build)
+    print(rank, ran, (build_dir / "lib.so").read_text())
+"""
+
+
+def test_concurrent_first_imports_build_once(tmp_path):
+    """Eight processes reach an empty build directory at the same moment: one builds, the other seven
+    wait on the lock and then find the finished build (the real kernel: see README "Building")."""
+    n = 8
+    build_dir = tmp_path / "cache" / "fused_moe_ops_cpu_test"
+    build_dir.parent.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(RANK), str(build_dir), str(i), str(n)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+             for i in range(n)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    builders = (tmp_path / "cache" / "builds.log").read_text().split()
+    assert len(builders) == 1, builders
+    lines = [out.split() for out, _ in outs]
+    assert sum(line[1] == "True" for line in lines) == 1, lines
+    assert all(" ".join(line[2:]) == f"built by {builders[0]}" for line in lines), lines
+
+
+def test_failed_build_is_retried_not_marked_finished(tmp_path):
+    build_dir = tmp_path / "b"
+
+    def failing():
+        raise RuntimeError("compiler failed")
+
+    with pytest.raises(RuntimeError):
+        _build.build_once(build_dir, failing)
+    assert not (build_dir / "complete").exists()
+    assert _build.build_once(build_dir, lambda: None) is True
+    assert _build.build_once(build_dir, failing) is False  # finished: not run again
 
 
 def test_build_module_runs_ahead_of_time():
     proc = subprocess.run([sys.executable, "-m", "fused_moe_ops.build", "--cpu-only"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("cpu   ok"), proc.stdout

@@ -59,7 +59,7 @@ def _check_block_output(out: str) -> dict:
     m = re.search(r"fusion pass: fired (\d+) time\(s\)", out)
     assert m and int(m.group(1)) >= 1, f"the pass did not fire:\n{out}"
     assert "with the pass disabled: 0 rewrite(s)" in out, out
-    assert "generated code calls moe.shuffle_mul_sum: fusion on: yes, fusion off: no" in out, out
+    assert "generated code calls our op (moe._shuffle_mul_sum_fused): fusion on: yes, fusion off: no" in out, out
     diffs = re.findall(r"max \|eager - compiled, fusion (off|on)\| = (\S+) .*  (ok|MISMATCH)", out)
     assert [(d[0], d[2]) for d in diffs] == [("off", "ok"), ("on", "ok")], out
     table = dict(re.findall(r"^(eager|compiled, fusion off|compiled, fusion on)\s+([0-9.]+)\s+[0-9.]+x$", out, re.M))

@@ -165,7 +165,8 @@ def _generated_calls(package: str) -> int:
         for name in z.namelist():
             if name.endswith((".cpp", ".h", ".json")) and "aotinductor" in name:
                 text = z.read(name).decode("utf-8", "replace")
-                hits += text.count("moe::shuffle_mul_sum") + text.count("moe.shuffle_mul_sum")
+                hits += sum(text.count(f"moe{sep}{op}") for sep in ("::", ".")
+                            for op in ("shuffle_mul_sum", "_shuffle_mul_sum_fused"))
     return hits
 
 

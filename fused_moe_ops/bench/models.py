@@ -28,7 +28,7 @@ from .sweep import outputs_close
 from .timing import capture_cuda_graph, sync, time_cpu_interleaved, time_cuda_events, time_graph_replays
 from .variants import compile_fresh, fusion_api_reason, fusion_rewrites, fusion_rewrites_by_pattern, pass_disabled
 
-MODEL_SET_ALL = ("tiny", "qwen3_moe", "qwen2_moe")
+MODEL_SET_ALL = ("qwen3_moe", "qwen2_moe", "tiny")  # the HF models first: a run cut short still has them
 CPU_DEFAULT_MODEL_M = [1, 16, 256, 1024, 4096]
 GPU_DEFAULT_MODEL_M = [1, 8, 64, 512, 4096]
 

@@ -1,7 +1,9 @@
 """Automatic fusion: an Inductor post-grad pass that rewrites the MoE combine step into ``moe::shuffle_mul_sum``.
 
 ``import fused_moe_ops`` installs it into ``torch._inductor.config.post_grad_custom_post_pass``
-(composed with a pass already there). Public API::
+(composed with a pass already there) when Inductor is first imported, i.e. before the first
+``torch.compile`` runs, or at once if Inductor is already imported; eager users never pay for
+importing Inductor. Public API::
 
     fused_moe_ops.fusion_stats()        # {"rewrites": n, "by_pattern": {name: n}, "enabled": bool}
     fused_moe_ops.reset_fusion_stats()
@@ -11,17 +13,25 @@
     fused_moe_ops.fusion.compose_with(my_pass)   # for a post-grad pass of yours set after import
     fused_moe_ops.fusion.should_rewrite(...)     # profitability rule (policy.py)
 
-FUSED_MOE_OPS_DISABLE_FUSION=1 in the environment: the pass is not installed at import.
+FUSED_MOE_OPS_DISABLE_FUSION=1 in the environment: the pass is not installed.
 See docs/FUSION.md for what it matches.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import logging
 import sys
+import threading
+import warnings
 from typing import Any, Dict
 
 from . import _state
-from ._pass import FUSION_PASS, ComposedPass, ShuffleMulSumFusionPass, compose_with, contains_fusion, install, uninstall
 from .policy import should_rewrite
+
+# Defined in ._pass, which imports torch._inductor: loaded on first use (module __getattr__ below).
+_PASS_NAMES = ("FUSION_PASS", "ComposedPass", "ShuffleMulSumFusionPass", "compose_with", "contains_fusion",
+               "install", "uninstall")
 
 __all__ = [
     "FUSION_PASS",
@@ -69,6 +79,8 @@ def disable_fusion() -> _Disabled:
 def enable_fusion() -> None:
     """Turn the fusion pass on (and install it if FUSED_MOE_OPS_DISABLE_FUSION kept it out)."""
     _state.set_enabled(True)
+    from ._pass import install
+
     install()
 
 
@@ -89,12 +101,93 @@ def reset_fusion_stats() -> None:
     _state.reset()
 
 
-if not _state.disabled_by_env():
-    install()
+def __getattr__(name: str) -> Any:
+    if name in _PASS_NAMES:
+        from . import _pass
 
-# fused_moe_ops/__init__.py re-exports the switch and the stats; make reset_fusion_stats reachable
-# there too even on a version of that file that does not import it.
-_parent = sys.modules.get(__name__.rpartition(".")[0])
-if _parent is not None and not hasattr(_parent, "reset_fusion_stats"):
-    _parent.reset_fusion_stats = reset_fusion_stats
-del _parent
+        return getattr(_pass, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- installing the pass when Inductor is imported -------------------------------------------------
+#
+# Importing torch._inductor (and torch._dynamo with it) takes about a second; an eager user should not
+# pay it. Inductor reads post_grad_custom_post_pass only when it compiles, and every path to a compile
+# imports the torch._inductor package first. So: if it is imported already, install now; otherwise
+# a one-shot sys.meta_path finder wraps the loader of torch._inductor and installs right after the
+# package's own code ran.
+
+_INDUCTOR = "torch._inductor"
+_hook_lock = threading.Lock()
+log = logging.getLogger("fused_moe_ops")
+
+
+def _install_now() -> None:
+    try:
+        from ._pass import install
+
+        install()
+    except Exception as e:  # noqa: BLE001 - never break the user's import of torch._inductor
+        warnings.warn(f"fused_moe_ops: could not install the fusion pass ({type(e).__name__}: {e}); "
+                      "torch.compile runs without it", RuntimeWarning, stacklevel=2)
+
+
+class _InstallAfterExec(importlib.abc.Loader):
+    """Runs the real loader of torch._inductor, then installs the pass."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, is_package, ...
+        return getattr(self._inner, name)
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        # Put the real loader back first: nothing should see this wrapper after the import.
+        module.__loader__ = self._inner
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._inner
+        self._inner.exec_module(module)
+        if not _state.disabled_by_env():
+            _install_now()
+
+
+class _InductorImportHook(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _INDUCTOR:
+            return None
+        _remove_hook()
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _InstallAfterExec(spec.loader)
+        return spec
+
+
+_HOOK = _InductorImportHook()
+
+
+def _remove_hook() -> None:
+    with _hook_lock:
+        if _HOOK in sys.meta_path:
+            sys.meta_path.remove(_HOOK)
+
+
+def install_when_inductor_loads() -> None:
+    """Install the pass now if torch._inductor is imported, else as soon as it is."""
+    if _INDUCTOR in sys.modules:
+        _install_now()
+        return
+    with _hook_lock:
+        if _HOOK not in sys.meta_path:
+            sys.meta_path.insert(0, _HOOK)
+
+
+def install_pending() -> bool:
+    """Whether the pass waits for torch._inductor to be imported."""
+    return _HOOK in sys.meta_path
+
+
+if not _state.disabled_by_env():
+    install_when_inductor_loads()

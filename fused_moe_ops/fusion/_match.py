@@ -137,6 +137,94 @@ def peel_upcast(node: Node) -> Tuple[Node, List[Node]]:
     return node, chain
 
 
+def non_unit_dims(shape: Sequence[Any]) -> List[int]:
+    """Positions of the dimensions that are not statically 1."""
+    return [d for d, size in enumerate(shape) if not same(size, 1)]
+
+
+def peel_factors(node: Node, layout: Sequence[Any]) -> Tuple[Node, Optional[torch.dtype], List[int], List[Node]]:
+    """The factors' source: walk up from the weights operand through order-preserving views and float
+    converts, as far as the source still holds the factors in ``layout`` order (its dimensions other
+    than 1s are exactly ``layout``, e.g. (m, topk) or (R,)) and at most one convert rounds.
+
+    Returns (source, rounding dtype or None, the source's dimensions that make up the entries of
+    ``layout`` that are not 1, the nodes walked over, nearest first). The op
+    then reads the source and rounds each factor in registers, so no kernel materialises the
+    converted weights (``w.view(m, topk, 1).to(bf16)`` in the seed line).
+    """
+    wanted = [size for size in layout if not same(size, 1)]
+    best = None
+    rounding: Optional[torch.dtype] = None
+    chain: List[Node] = []
+    while True:
+        v = val(node)
+        if not isinstance(v, torch.Tensor) or v.dtype not in FLOAT_DTYPES:
+            break
+        dims = non_unit_dims(v.shape)
+        if len(dims) == len(wanted) and all(same(v.shape[d], size) for d, size in zip(dims, wanted)):
+            best = (node, rounding, dims, list(chain))
+        if not (isinstance(node, Node) and node.op == "call_function"):
+            break
+        if node.target is CONVERT:
+            src = val(node.args[0])
+            if not isinstance(src, torch.Tensor) or src.dtype not in FLOAT_DTYPES:
+                break
+            if not lossless_to_fp32(src.dtype, node.args[1]):
+                if rounding is not None:
+                    break  # a second rounding: keep the node after it
+                rounding = node.args[1]
+        elif node.target not in ORDER_PRESERVING:
+            break
+        chain.append(node)
+        node = node.args[0]
+    require(best is not None, "weights do not hold the factors in order")
+    return best
+
+
+def reshape_like(t: torch.Tensor, layout: Sequence[Any], dims: Sequence[int]) -> torch.Tensor:
+    """``t`` (a source found by peel_factors) reshaped to ``layout``, its sizes read from ``t`` itself so
+    that a traced replacement stays symbolic."""
+    sizes = iter(dims)
+    return t.reshape([1 if same(size, 1) else t.shape[next(sizes)] for size in layout])
+
+
+def is_zero_fill(node: Any) -> bool:
+    """A scalar 0 as a where() branch: the literal, or the 0-d ``full([], 0)`` that post-grad graphs hold."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return node == 0
+    return (isinstance(node, Node) and node.op == "call_function" and node.target is aten.full.default
+            and list(node.args[0]) == [] and node.args[1] == 0)
+
+
+def peel_row_mask(rows: Node) -> Tuple[Node, Optional[Node], List[Node]]:
+    """``where(mask, 0, z)`` with a per-row bool mask (R, 1) (``z.masked_fill(mask, 0)``: how HF
+    transformers zeroes its sentinel rows) -> (z, mask, walked); else (rows, None, []). The op skips
+    a masked row, so the masked tensor is never materialised. Lossless upcasts of z are peeled too."""
+    if not (isinstance(rows, Node) and rows.op == "call_function" and rows.target is aten.where.self):
+        return rows, None, []
+    cond, fill, z = rows.args
+    cv, rv = val(cond), tensor_val(rows)
+    if not (isinstance(cv, torch.Tensor) and cv.dtype == torch.bool and is_zero_fill(fill)
+            and same_shape(cv.shape, (rv.shape[0], 1))):
+        return rows, None, []
+    base, upcasts = peel_upcast(z)
+    return base, cond, [rows] + upcasts
+
+
+def fused_into_consumer_by_inductor(rows: Node) -> bool:
+    """Whether ``rows`` is a pointwise result read only by the combine (through views), which
+    Inductor computes inside its own combine kernel (e.g. a ``torch.where`` chain selecting expert
+    outputs). Our op would need it written out first: a full extra write and read of the rows."""
+    node = rows
+    while isinstance(node, Node) and node.op == "call_function" and node.target in ORDER_PRESERVING:
+        if not single_user(node):
+            return False
+        node = node.args[0]
+    if not (isinstance(node, Node) and node.op == "call_function" and single_user(node)):
+        return False
+    return torch.Tag.pointwise in getattr(node.target, "tags", ())
+
+
 def as_gather(node: Node) -> Optional[Tuple[Node, Node, bool]]:
     """(source, index, wraps) if node is ``source[index]`` (wraps=True: negative entries count from the
     end) or ``source.index_select(0, index)`` (wraps=False: negative entries are an error), else None."""
@@ -205,18 +293,6 @@ def absorbable_downcast(convert: Node) -> bool:
 
 def device_type(node: Node) -> str:
     return tensor_val(node).device.type
-
-
-def wrap_index(index: torch.Tensor, rows: Any, wraps: bool = True) -> torch.Tensor:
-    """Eager indexing semantics on top of the op's (which skips negative entries).
-
-    ``x[index]`` (wraps=True): -rows <= i < 0 reads row i + rows, as eager does; i < -rows is an
-    IndexError in eager and is mapped to ``rows`` so that the op raises too instead of skipping it.
-    ``x.index_select(0, index)`` (wraps=False): every negative entry is an error, mapped to ``rows``.
-    """
-    if not wraps:
-        return torch.where(index < 0, rows, index)
-    return torch.where(index < 0, torch.where(index < -rows, rows, index + rows), index)
 
 
 def erase_dead(graph: torch.fx.Graph, nodes: Sequence[Node]) -> None:

@@ -73,6 +73,10 @@ class ShuffleMulSumFusionPass(CustomGraphPass):
         if not _state.enabled():
             return
         self.matched_count = self._get_patterns().apply(graph)
+        if self.matched_count:  # then the consumers of what was rewritten (a scale, an add)
+            from .epilogue import fold_epilogues
+
+            fold_epilogues(graph)
 
     def uuid(self) -> Optional[Any]:
         on = "on" if _state.enabled() else "off"

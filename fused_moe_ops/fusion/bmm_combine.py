@@ -12,9 +12,9 @@ Post-grad ATen (einsum lowers to permutes around a bmm; identity permutes are ke
     orientation B: LHS = permute(ROWS, [0, 2, 1]) (m, k, topk), RHS = WEIGHTS (m, topk, 1)
     ROWS as in gather_mul_sum (gathered (m, topk, k) rows, views, fp32 upcasts)
 
-Replacement::
+Replacement (as gather_mul_sum's: one kernel, wrap and rounding inside it)::
 
-    moe.shuffle_mul_sum(x, where(idx < 0, idx + R, idx), WEIGHTS.reshape(m, topk), bmm dtype)
+    moe._shuffle_mul_sum_fused(x, idx, W.reshape(m, topk), bmm dtype, negative_index=wrap, factor_round=r)
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import List, Tuple
 from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg, Match
 from torch.fx import Node
 
-from ._common import RESHAPES, SHUFFLE_MUL_SUM, Plan, factors_2d, register, replace
+from ._common import RESHAPES, Plan, register, rewrite_per_slot
 from ._match import (
     ORDER_PRESERVING,
     NoMatch,
@@ -34,7 +34,6 @@ from ._match import (
     same_shape,
     single_user,
     tensor_val,
-    wrap_index,
 )
 from .gather_mul_sum import analyze_rows, check_weights
 
@@ -87,7 +86,7 @@ def analyze(match: Match) -> Plan:
         check_weights(lhs, (m, 1, topk))
         x, index, walked, wraps = analyze_rows(rhs, m, topk, k)
         return Plan(rows=x, index=index, weights=lhs, m=m, topk=topk, k=k, out_dtype=out_dtype,
-                    walked=walked, extra=2, wraps=wraps)
+                    walked=walked, wraps=wraps)
     except NoMatch as e:
         why = str(e)
     # orientation B: rows^T @ weights
@@ -98,27 +97,14 @@ def analyze(match: Match) -> Plan:
         require(perm == [0, 2, 1], f"rows operand is permuted by {perm}")
         x, index, walked, wraps = analyze_rows(base, m, topk, k)
         return Plan(rows=x, index=index, weights=rhs, m=m, topk=topk, k=k, out_dtype=out_dtype,
-                    walked=permutes + walked, extra=1, wraps=wraps)
+                    walked=permutes + walked, wraps=wraps)
     except NoMatch as e:
         why = str(e)
     raise NoMatch(why)
 
 
 def rewrite(match: Match, plan: Plan) -> None:
-    out_dtype, topk_dim, wraps = plan.out_dtype, plan.extra, plan.wraps
-
-    if plan.index is None:
-        def replacement(x, w):
-            return SHUFFLE_MUL_SUM(x, None, factors_2d(w, topk_dim), out_dtype)
-
-        args = [plan.rows, plan.weights]
-    else:
-        def replacement(x, idx, w):
-            return SHUFFLE_MUL_SUM(x, wrap_index(idx, x.shape[0], wraps), factors_2d(w, topk_dim), out_dtype)
-
-        args = [plan.rows, plan.index, plan.weights]
-    replace(match, NAME, replacement, args, plan.walked, rows=plan.rows, index=plan.index,
-            m=plan.m, topk=plan.topk, k=plan.k, out_dtype=out_dtype)
+    rewrite_per_slot(match, plan, NAME)
 
 
 register(PATTERNS, analyze, rewrite)

@@ -14,9 +14,12 @@ Post-grad ATen (what the pattern below matches; views are aten.reshape by then):
               | index_select(x, 0, idx) | y          with shape (m, topk, k)
     WEIGHTS = any float tensor of shape (m, topk, 1)  (so: no broadcast over slots or over k)
 
-Replacement::
+Replacement (one kernel: the wrap and the weights' rounding happen inside it)::
 
-    moe.shuffle_mul_sum(x, where(idx < 0, idx + R, idx), WEIGHTS.reshape(m, topk), out_dtype)
+    moe._shuffle_mul_sum_fused(x, idx, W.reshape(m, topk), out_dtype,
+                               negative_index=wrap (x[idx]) | error (index_select), factor_round=r)
+    W, r = the weights before their views and their float convert (``w.view(m, topk, 1).to(bf16)``:
+           W = w, r = bfloat16)
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg, Match
 from torch.fx import Node
 
-from ._common import SHUFFLE_MUL_SUM, Plan, factors_2d, register, replace, sum_dim1
+from ._common import Plan, register, rewrite_per_slot, sum_dim1
 from ._match import (
     CONVERT,
     FLOAT_DTYPES,
@@ -44,7 +47,6 @@ from ._match import (
     same_shape,
     single_user,
     tensor_val,
-    wrap_index,
 )
 
 NAME = "gather_mul_sum"
@@ -106,20 +108,7 @@ def analyze(match: Match) -> Plan:
 
 
 def rewrite(match: Match, plan: Plan) -> None:
-    out_dtype, wraps = plan.out_dtype, plan.wraps
-
-    if plan.index is None:
-        def replacement(x, w):
-            return SHUFFLE_MUL_SUM(x, None, factors_2d(w, 1), out_dtype)
-
-        args = [plan.rows, plan.weights]
-    else:
-        def replacement(x, idx, w):
-            return SHUFFLE_MUL_SUM(x, wrap_index(idx, x.shape[0], wraps), factors_2d(w, 1), out_dtype)
-
-        args = [plan.rows, plan.index, plan.weights]
-    replace(match, NAME, replacement, args, plan.walked, rows=plan.rows, index=plan.index,
-            m=plan.m, topk=plan.topk, k=plan.k, out_dtype=out_dtype)
+    rewrite_per_slot(match, plan, NAME)
 
 
 register(PATTERNS, analyze, rewrite)

@@ -11,11 +11,12 @@ Post-grad ATen::
     ROWS    = views / fp32 upcasts of  index.Tensor(P, [idx]) | index_select(P, 0, idx) | P
     P       = mul.Tensor(Y, W) in either order, Y (R, k) float rows, W (R, 1) float weights
 
-Replacement (the weights follow the rows through the same, wrapped, permutation)::
+Replacement (one kernel: the weights follow the rows through the same, wrapped, permutation inside it)::
 
-    idx' = where(idx < 0, idx + R, idx)
-    moe.shuffle_mul_sum(Y, idx', W.reshape(R)[idx'].reshape(m, topk), out_dtype)
-    moe.shuffle_mul_sum(Y, None, W.reshape(m, topk), out_dtype)                   # no gather
+    moe._shuffle_mul_sum_fused(Y, idx.view(m, topk), W.reshape(R), out_dtype, negative_index=wrap|error,
+                               factor_round=r)                     # per-row factors
+    moe._shuffle_mul_sum_fused(Y, None, W.reshape(m, topk), out_dtype, ...)       # no gather
+    W, r = the weights before their views and their float convert
 
 ``topk`` must be a static size here (the graph has no (m, topk) tensor to read it from).
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg, Match
 
-from ._common import RESHAPES, SHUFFLE_MUL_SUM, Plan, register, replace, sum_dim1
+from ._common import FUSED_COMBINE, RESHAPES, Plan, negative_index_of, register, replace_with_op, sum_dim1
 from ._match import (
     CONVERT,
     FLOAT_DTYPES,
@@ -35,15 +36,16 @@ from ._match import (
     check_index,
     check_reduce_dim1,
     out_dtype_of,
+    peel_factors,
     peel_rows,
     peel_upcast,
     require,
+    reshape_like,
     same,
     same_shape,
     single_user,
     static_int,
     tensor_val,
-    wrap_index,
 )
 
 NAME = "weighted_rows_sum"
@@ -104,22 +106,18 @@ def analyze(match: Match) -> Plan:
 
 
 def rewrite(match: Match, plan: Plan) -> None:
-    out_dtype, topk, wraps = plan.out_dtype, static_int(plan.topk), plan.wraps
+    out_dtype, topk, negative_index = plan.out_dtype, static_int(plan.topk), negative_index_of(plan.wraps)
+    per_row = (tensor_val(plan.rows).shape[0],)
+    src, rounding, dims, chain = peel_factors(plan.weights, per_row)
 
-    if plan.index is None:
-        def replacement(y, w):
-            return SHUFFLE_MUL_SUM(y, None, w.reshape(y.shape[0] // topk, topk), out_dtype)
+    def build(y, idx, w, row_mask):
+        factors = reshape_like(w, per_row, dims)
+        if idx is None:  # no gather: a row's factor is its slot's
+            return FUSED_COMBINE(y, None, factors.reshape(-1, topk), out_dtype, negative_index, rounding, row_mask)
+        # per-row factors, read by the kernel through the (wrapped) permutation, given as (m, topk)
+        return FUSED_COMBINE(y, idx.view(-1, topk), factors, out_dtype, negative_index, rounding, row_mask)
 
-        args = [plan.rows, plan.weights]
-    else:
-        def replacement(y, idx, w):
-            wrapped = wrap_index(idx, y.shape[0], wraps)
-            factors = w.reshape(w.shape[0])[wrapped].reshape(idx.shape[0] // topk, topk)
-            return SHUFFLE_MUL_SUM(y, wrapped, factors, out_dtype)
-
-        args = [plan.rows, plan.index, plan.weights]
-    replace(match, NAME, replacement, args, plan.walked, rows=plan.rows, index=plan.index,
-            m=plan.m, topk=plan.topk, k=plan.k, out_dtype=out_dtype)
+    replace_with_op(match, NAME, plan, build, src, plan.walked + chain)
 
 
 register(PATTERNS, analyze, rewrite)
