@@ -140,8 +140,12 @@ def _bench_lines(bench) -> List[str]:
                            .get("pct_copy") is not None else f"{m}:-" for m in ms)
             xi = " ".join(f"{m}:{by[(topk, k, m, 'cuda')]['x_inductor']:.1f}" if by.get((topk, k, m, "cuda"), {})
                           .get("x_inductor") is not None else f"{m}:-" for m in ms)
+            ww = " ".join(f"{m}:{by[(topk, k, m, 'inductor+pass')]['x_inductor']:.2f}"
+                          if by.get((topk, k, m, "inductor+pass"), {}).get("x_inductor") is not None else f"{m}:-"
+                          for m in ms)
             lines.append(f"  topk {topk} K {k}  cuda %copy by M: {pct}")
             lines.append(f"  topk {topk} K {k}  cuda x inductor:  {xi}")
+            lines.append(f"  topk {topk} K {k}  with/without pass (inductor / inductor+pass time): {ww}")
     if bad:
         lines.append(f"  MISMATCH/ERROR rows: {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}")
     for t in bench.get("targets", []):
@@ -152,6 +156,9 @@ def _bench_lines(bench) -> List[str]:
 def _model_lines(model) -> List[str]:
     lines = []
     for r in model.get("model_rows", []):
+        if "build_error" in r:
+            lines.append(f"  {str(r.get('model', '?'))[:18]:<18} could not build: {str(r['build_error'])[:90]}")
+            continue
         ratio = r.get("ratio_without_over_with")
         err = r.get("with_pass_error") or r.get("without_pass_error")
         lines.append(
