@@ -19,9 +19,11 @@ Where it is used:
 * on CPU tensors with ``TRITON_INTERPRET=1`` set before this module is imported (the CI tests).
 
 Layout: a 2-D grid, axis 0 = token (M, up to 2**31 - 1), axis 1 = a block of BLOCK_K columns.
-Each program loads its token's ``topk`` permutation entries and factors as one small vector and
-then all ``topk`` source row slices as one (TOPK_P2, BLOCK_K) tile, so every load of a token is
-in flight at once, and reduces over the top-k axis in float32. Offsets are int64 throughout.
+Each program walks its token's ``topk`` slots up to 16 at a time (TOPK_BLOCK): their permutation
+entries and factors as one small vector, then their source row slices as one (TOPK_BLOCK, BLOCK_K)
+tile, so every load of a step is in flight at once (every real router's topk is one step), and
+reduces over the slots in float32. ``topk`` is a compile-time constant (a model constant; it makes
+the loop's bounds static). Offsets are int64 throughout.
 BLOCK_K and num_warps are autotuned per (K, topk, dtypes, M class); the autotuning happens on the
 first call of each key (that first call benchmarks, and so synchronises: warm up before CUDA
 graph capture). Under TRITON_INTERPRET=1 there is a single small config, so tests stay fast;
@@ -114,11 +116,11 @@ if triton is not None:
         b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
         return b.to(tl.float32, bitcast=True)
 
-    @_autotune(configs=_configs(), key=["K", "TOPK_BLOCK", "M_CLASS"])
+    @_autotune(configs=_configs(), key=["K", "TOPK", "M_CLASS"])
     @triton.jit(debug=True)
     def _shuffle_mul_sum_kernel(
         in_ptr, perm_ptr, fac_ptr, out_ptr, add_ptr, mask_ptr,
-        R, K, TOPK,
+        R, K,
         stride_in, stride_perm, stride_f0, stride_f1, stride_out, stride_add, stride_mask,
         scale,
         M_CLASS,
@@ -129,6 +131,7 @@ if triton is not None:
         HAS_SCALE: tl.constexpr,
         HAS_ADDEND: tl.constexpr,
         HAS_ROW_MASK: tl.constexpr,     # mask[p] true: row p contributes nothing
+        TOPK: tl.constexpr,             # a model constant: compile-time, so the top-k loop has static bounds
         TOPK_BLOCK: tl.constexpr,       # slots loaded per step: any topk, bounded registers
         ROUND_BF16_RNE: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -227,7 +230,7 @@ def _launch(input: Tensor, permutation: Optional[Tensor], factors: Tensor, dst: 
         input, permutation if permutation is not None else input, factors, dst,
         addend if addend is not None else dst,
         row_mask if row_mask is not None else dst,
-        rows, k, topk,
+        rows, k,
         input.stride(0), permutation.stride(0) if permutation is not None else 0,
         factors.stride(0), 0 if per_row else factors.stride(1), dst.stride(0),
         addend.stride(0) if addend is not None else 0,
@@ -241,6 +244,7 @@ def _launch(input: Tensor, permutation: Optional[Tensor], factors: Tensor, dst: 
         HAS_SCALE=scale != 1.0,
         HAS_ADDEND=addend is not None,
         HAS_ROW_MASK=row_mask is not None,
+        TOPK=topk,
         TOPK_BLOCK=min(_next_pow2(max(topk, 1)), MAX_TOPK_BLOCK),
         ROUND_BF16_RNE=INTERPRET and dst.dtype == torch.bfloat16,
     )
