@@ -149,6 +149,9 @@ def main() -> int:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+    # Every rank reaches the teardown together: a rank tearing gloo down while its peer is still
+    # inside a collective was seen to abort ("terminate called without an active exception", CI).
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1
 
