@@ -154,8 +154,9 @@ def main(argv=None) -> int:
     if rank == 0:
         print(f"\n(median of {args.iters} calls per rank after 2 warm-up calls, {torch.get_num_threads()} CPU thread(s) per rank; err against the single-process "
               f"float64 result, rel = / max |result| (tolerance {REL_TOL[dtype]:g}); rewrites = combines the "
-              f"fusion pass rewrote into moe::shuffle_mul_sum in that rank's compiled graphs)")
+              f"fusion pass rewrote into our op in that rank's compiled graphs)")
         print("FAILED: a rank differs from the reference or its pass did not fire" if failed else "all ranks ok")
+    dist.barrier()  # every rank tears gloo down together (a rank that did not was seen to abort)
     dist.destroy_process_group()
     return 1 if failed else 0
 
