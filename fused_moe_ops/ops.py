@@ -12,7 +12,8 @@ What it computes (the MoE combine step, one pass over memory)::
     out[i, :] = sum_{j < topk, p = permutation[i*topk + j], p >= 0} factors[i, j] * input[p, :]
 
 accumulated in float32 and rounded once to ``out_dtype``. Negative permutation entries mean
-"no contribution" (dropped token, expert on another rank); an entry >= R is an error.
+"no contribution" (dropped token, expert on another rank): a skipped slot adds nothing and its
+factor is never read, so a NaN/inf factor there has no effect. An entry >= R is an error.
 """
 from __future__ import annotations
 
@@ -284,6 +285,7 @@ def shuffle_mul_sum(
         permutation: (M*topk,)     int32 / int64, or None for the identity (then R == M*topk);
                                    entry ``i*topk + j`` is the row of ``input`` holding token i's
                                    j-th expert output; negative entries contribute nothing
+                                   (their factors are not read: NaN/inf there has no effect)
         factors:     (M, topk)     float32 / float16 / bfloat16 (router weights)
         returns:     (M, K)        dtype ``out_dtype`` (default: input.dtype), or ``out``
 
