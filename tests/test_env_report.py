@@ -1,4 +1,4 @@
-"""``python -m fused_moe_ops`` (issue 5, item 5): the environment report tells the truth.
+"""``python -m fused_moe_ops``: the environment report tells the truth.
 
 Each case runs the report in a fresh interpreter under one environment, and checks it against
 facts gathered *without* the report's code in another fresh interpreter under the same

@@ -1,4 +1,4 @@
-"""The examples run, as a new user runs them (subprocesses), at tiny sizes (issue 5, items 1-2)."""
+"""The examples run, as a new user runs them (subprocesses), at tiny sizes."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""A cheap import (issue 9, item 3): `import fused_moe_ops` loads the kernels and nothing heavy.
+"""A cheap import: `import fused_moe_ops` loads the kernels and nothing heavy.
 
 Inductor and Dynamo (about a second), Triton and setuptools (via torch.utils.cpp_extension) stay
 out of an eager user's process; the fusion pass is still in place before the first torch.compile,
