@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--grid", choices=sorted(GRIDS), default=None,
                    help="a named set of shapes, implementations and timing settings; flags given explicitly win. "
                         "pass-vs-inductor: M 1..16384 (11 sizes), K 4096/7168, topk 2/8, bf16, inductor / inductor+pass / op "
-                        "/ copy, all as CUDA-graph replays, about 2 minutes on an H100/H200")
+                        "/ copy, all as CUDA-graph replays, about 2 minutes of timing on an H100/H200 (estimated)")
     p.add_argument("--topk", type=_ints, default=None, help="comma list of top-k values (default 8)")
     p.add_argument("--k", type=_ints, default=None, help="comma list of hidden sizes (default 4096,7168)")
     p.add_argument("--m", type=_ints, default=None,
