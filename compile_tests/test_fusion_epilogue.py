@@ -1,4 +1,4 @@
-"""Issue 8, items 1 and 2: with the pass, a combine and its consumer (a residual / shared-expert add,
+"""With the pass, a combine and its consumer (a residual / shared-expert add,
 a scale) are ONE launch, the op; never more kernels than Inductor's own graph. For every rewritten
 spelling, static and with the token count dynamic, on CPU (and CUDA where present), counted in the
 generated code, and the result checked against the float64 reference."""
