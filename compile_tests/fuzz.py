@@ -70,8 +70,10 @@ def generate(rng: random.Random) -> Program:
     topk = rng.choice((1, 2, 4))
     k = rng.choice((1, 5, 16, 33))
     dynamic = rng.random() < 0.35
-    # A symbolic trace specialises sizes 0 and 1: dynamic programs are traced at M >= 2.
-    m = rng.choice((2, 3, 6) if dynamic else (0, 1, 1, 3, 6))
+    # A symbolic trace specialises sizes 0 and 1, and gives equal sizes one symbol (so M = topk = 2
+    # pins M through the weights' (M, topk) shape): dynamic programs are traced at M = 3 or 6, which
+    # no other size of the program equals.
+    m = rng.choice((3, 6) if dynamic else (0, 1, 1, 3, 6))
     spelling = rng.choice(CLAIMED * 3 + NEAR_MISSES)
     claimed = spelling in CLAIMED
     extra_rows = 0 if spelling == "identity" else rng.choice((0, 3))
