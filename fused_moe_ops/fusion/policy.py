@@ -33,3 +33,15 @@ def should_rewrite(
     key (``uuid()``).
     """
     return True
+
+
+# The decomposition is taken when its benchmarked time is at most this many times the op's
+# (fusion/autotune.py): it is benchmarked alone, and what it gains by fusing with its neighbours
+# (the residual add and RMSNorm after the combine) is not in that comparison.
+DECOMPOSITION_PREFERENCE = 1.0
+
+
+def should_autotune(device_type: str, m: int, topk: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether Inductor benchmarks the op against its own code for this combine (static sizes only,
+    torch >= 2.12, not AOTInductor / deterministic; fusion/autotune.py). False keeps the op."""
+    return True
