@@ -69,15 +69,20 @@ def _op():
     return torch.ops.moe._shuffle_mul_sum_fused.default
 
 
+_AVAILABLE: list = []
+
+
 def available() -> Optional[str]:
     """None where this torch has custom-op autotuning, else why not."""
-    try:
-        from torch._inductor.kernel import custom_op  # noqa: F401
-    except ImportError as e:
-        return f"torch {torch.__version__} has no custom-op autotuning ({e})"
-    if not hasattr(custom_op, "autotune_custom_op"):
-        return f"torch {torch.__version__} has no custom-op autotuning (autotune_custom_op)"
-    return None
+    if not _AVAILABLE:
+        try:
+            from torch._inductor.kernel import custom_op
+        except ImportError as e:
+            _AVAILABLE.append(f"torch {torch.__version__} has no custom-op autotuning ({e})")
+        else:
+            _AVAILABLE.append(None if hasattr(custom_op, "autotune_custom_op") else
+                              f"torch {torch.__version__} has no custom-op autotuning (autotune_custom_op)")
+    return _AVAILABLE[0]
 
 
 def set_autotune(enabled: bool) -> bool:
@@ -240,7 +245,7 @@ def _lowering(*args: Any, **kwargs: Any):
     """Inductor's lowering of the op: where Inductor can choose, the op's kernel and the
     decompositions are benchmarked on the combine's sizes (autotune_custom_op); a winning
     decomposition comes back inlined as IR. Else (and where the op wins) None: the op's own lowering."""
-    from torch._inductor.kernel.custom_op import CustomOpConfig, autotune_custom_op  # noqa: F401
+    from torch._inductor.kernel.custom_op import autotune_custom_op
 
     named = _named(args, kwargs)
     why = why_not_autotuned(named)
