@@ -122,6 +122,26 @@ REWRITTEN: List[Spelling] = [
 BY_NAME: Dict[str, Spelling] = {s.name: s for s in REWRITTEN}
 
 
+# HF transformers' grouped_mm experts (transformers/integrations/moe.py, 5.17 and 5.24): the expert
+# output is sorted by expert, weighted per row, un-permuted by a scattered inverse permutation and
+# summed; 5.17 (and 5.24 under expert parallelism) first zeroes sentinel rows with masked_fill. The
+# decoder layer then adds the residual to ``out.reshape(b, s, h)``.
+HF_TOPK = 4
+
+
+def hf_grouped_mm_combine(proj_out, top_k_weights, perm, residual, sentinel_mask=None):
+    if sentinel_mask is not None:
+        proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
+    sample_weights_g = top_k_weights.reshape(-1)[perm]
+    weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
+    weighted_out = weighted_out[inv_perm]
+    num_tokens = top_k_weights.shape[0]
+    final = weighted_out.view(num_tokens, HF_TOPK, proj_out.shape[-1]).sum(dim=1)
+    return residual + final.to(residual.dtype).reshape(1, num_tokens, -1)
+
+
 # ---------------------------------------------------------------- inputs and the float64 reference
 
 

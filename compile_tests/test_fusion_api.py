@@ -1,4 +1,4 @@
-"""Issue 3, item 2: installation, composition with a user's pass, the off switches, the cache key,
+"""The pass's API: installation, composition with a user's pass, the off switches, the cache key,
 the counters, the log line and the should_rewrite hook."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 8, items 1 and 2: with the pass, a combine and its consumer (a residual / shared-expert add,
+"""With the pass, a combine and its consumer (a residual / shared-expert add,
 a scale) are ONE launch, the op; never more kernels than Inductor's own graph. For every rewritten
 spelling, static and with the token count dynamic, on CPU (and CUDA where present), counted in the
 generated code, and the result checked against the float64 reference."""
@@ -10,7 +10,8 @@ from torch._inductor.utils import run_and_get_code
 
 import fused_moe_ops
 from fusion_cases import (
-    REWRITTEN, TOPK, assert_fused, check_accuracy, kernel_launches, make_inputs, reference64,
+    HF_TOPK, REWRITTEN, TOPK, assert_fused, check_accuracy, hf_grouped_mm_combine, kernel_launches, make_inputs,
+    reference64,
 )
 
 M, K = 5, 16
@@ -125,27 +126,8 @@ def test_consumer_left_alone(name):
 
 
 # ------------------------------------------------------------------------------------------------
-# HF transformers' grouped_mm experts (transformers/integrations/moe.py, 5.17 and 5.24): the expert
-# output is sorted by expert, weighted per row, un-permuted by a scattered inverse permutation and
-# summed; 5.17 (and 5.24 under expert parallelism) first zeroes sentinel rows with masked_fill. The
-# decoder layer then adds the residual to ``out.reshape(b, s, h)``.
+# HF transformers' grouped_mm experts (fusion_cases.hf_grouped_mm_combine).
 # ------------------------------------------------------------------------------------------------
-HF_TOPK = 4
-
-
-def hf_grouped_mm_combine(proj_out, top_k_weights, perm, residual, sentinel_mask=None):
-    if sentinel_mask is not None:
-        proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
-    sample_weights_g = top_k_weights.reshape(-1)[perm]
-    weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
-    inv_perm = torch.empty_like(perm)
-    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
-    weighted_out = weighted_out[inv_perm]
-    num_tokens = top_k_weights.shape[0]
-    final = weighted_out.view(num_tokens, HF_TOPK, proj_out.shape[-1]).sum(dim=1)
-    return residual + final.to(residual.dtype).reshape(1, num_tokens, -1)
-
-
 @pytest.mark.parametrize("sentinel", [False, True], ids=["transformers-5.24", "transformers-5.17-sentinel-mask"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_hf_grouped_mm_combine_is_one_launch(sentinel, dynamic):

@@ -1,4 +1,4 @@
-"""Issue 3, item 5: the post-pass graph of representative spellings, pinned with expecttest so that a
+"""The post-pass graph of representative spellings, pinned with expecttest so that a
 change in what the pass emits shows up as a readable diff.
 
 To update after an intended change: EXPECTTEST_ACCEPT=1 python -m pytest compile_tests/test_fusion_expected_graphs.py

@@ -1,4 +1,4 @@
-"""Issue 3, items 5 and 6: FX graph cache across processes, fullgraph, max-autotune, and a real MoE block."""
+"""FX graph cache across processes, fullgraph, max-autotune, and a real MoE block."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Issue 3, item 4: look-alikes the pass must leave alone (no rewrite, same results as eager), in
+"""Look-alikes the pass must leave alone (no rewrite, same results as eager), in
 float32, float16 and bfloat16, with static shapes and dynamic=True."""
 from __future__ import annotations
 

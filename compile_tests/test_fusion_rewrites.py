@@ -1,4 +1,4 @@
-"""Issue 3, items 3 and 5: every combine spelling is rewritten into moe.shuffle_mul_sum, in float32,
+"""Every combine spelling is rewritten into moe.shuffle_mul_sum, in float32,
 float16 and bfloat16, with static shapes and with a dynamic token count, and its result matches the
 float64 reference at least as closely as eager does."""
 from __future__ import annotations

@@ -116,7 +116,7 @@ struct CombineOptions {
   bool factors_per_row = false;     // factors is (R,): slot (i, j) uses factors[p], p its (wrapped) row
   float scale = 1.f;                // out = scale * sum + addend, in float32, rounded once
   std::optional<at::Tensor> addend;  // (M, K), last dimension dense, any row stride (0: broadcast)
-  std::optional<at::Tensor> row_mask;  // bool (R,): a row whose entry is true contributes nothing
+  std::optional<at::Tensor> row_mask;  // bool (R,): a row whose entry is true reads as zeros (0 * factor)
 };
 
 C10_HOST_DEVICE inline float round_factor(float w, int64_t mode) {

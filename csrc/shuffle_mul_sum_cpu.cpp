@@ -25,6 +25,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -110,12 +111,16 @@ inline int64_t perm_at(const Args& a, int64_t pos) {
                          : static_cast<const int64_t*>(a.perm)[pos * a.perm_stride];
 }
 
-// The row slot `pos` reads, or -1 for none (the range was checked before: check_permutation_range).
+// The row slot `pos` reads, or -1 for a skipped slot (the range was checked before:
+// check_permutation_range). A row_mask'ed row is returned: it reads as zeros (row_is_masked).
 inline int64_t source_row(const Args& a, int64_t pos) {
   int64_t p = perm_at(a, pos);
   if (p < 0) p = a.negative_index == kWrapNegative ? p + a.rows : -1;
-  if (p >= 0 && a.row_mask != nullptr && a.row_mask[p * a.row_mask_stride]) return -1;
   return p;
+}
+
+inline bool row_is_masked(const Args& a, int64_t p) {
+  return a.row_mask != nullptr && a.row_mask[p * a.row_mask_stride];
 }
 
 // Out = scale * acc + addend, still in float32.
@@ -174,21 +179,29 @@ void combine_rows(const Args& a) {
       const int64_t i = task / chunks;
       const int64_t c_begin = (task % chunks) * chunk_cols;
       const int64_t c_end = std::min(k, c_begin + chunk_cols);
-      // Gather this token's live slots once: negative entries are dropped here.
+      // Gather this token's live slots once: skipped slots are dropped here (their factor unread).
+      // A masked row reads as zeros: it adds 0 * factor, which is 0, or NaN for a NaN/inf factor
+      // (what eager's masked_fill-then-multiply gives), so it only decides the accumulator's start.
       int64_t n = 0;
+      float acc0 = 0.f;
       for (int64_t j = 0; j < a.topk; ++j) {
         const int64_t p = source_row(a, i * a.topk + j);
         if (p < 0) continue;
-        src[n] = input + p * a.input_row_stride;
         const int64_t f = a.factors_per_row ? p * a.factor_stride0 : i * a.factor_stride0 + j * a.factor_stride1;
-        w[n] = round_factor(float_at(a.factors, a.factor_type, f), a.factor_round);
+        const float wf = round_factor(float_at(a.factors, a.factor_type, f), a.factor_round);
+        if (row_is_masked(a, p)) {
+          if (!std::isfinite(wf)) acc0 = std::numeric_limits<float>::quiet_NaN();
+          continue;
+        }
+        src[n] = input + p * a.input_row_stride;
+        w[n] = wf;
         ++n;
       }
       out_t* dst = out + i * a.out_row_stride;
       int64_t c = c_begin;
       for (; c + kTile <= c_end; c += kTile) {
         VecF acc[kTileRegs];
-        for (int r = 0; r < kTileRegs; ++r) acc[r] = VecF(0.f);
+        for (int r = 0; r < kTileRegs; ++r) acc[r] = VecF(acc0);
         for (int64_t s = 0; s < n; ++s) {
           const VecF ws(w[s]);
           const in_t* row = src[s] + c;
@@ -205,7 +218,7 @@ void combine_rows(const Args& a) {
         }
       }
       for (; c < c_end; ++c) {  // tail: K not a multiple of the tile
-        float acc = 0.f;
+        float acc = acc0;
         for (int64_t s = 0; s < n; ++s) acc += w[s] * static_cast<float>(src[s][c]);
         dst[c] = static_cast<out_t>(has_epilogue ? epilogue(a, i, c, acc) : acc);
       }

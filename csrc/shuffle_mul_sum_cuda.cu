@@ -68,7 +68,7 @@ struct Params {
   int factor_round;          // FactorRound
   float scale;
   const void* addend;        // nullptr: none; (M, K), last dim dense
-  const bool* row_mask;      // nullptr: none; true: the row contributes nothing
+  const bool* row_mask;      // nullptr: none; true: the row reads as zeros (adds 0 * factor)
   int64_t row_mask_stride;
   int addend_kind;
   int64_t addend_row_stride;
@@ -81,10 +81,13 @@ struct Params {
 
 // Warp 0 stages slots [j0, j0 + chunk) of row i: the live (row, factor) pairs, compacted, into
 // s_rows / s_w; returns their count to lane 0 through *s_live. Out-of-range entries assert.
+// A row_mask'ed row reads as zeros: it adds 0 * factor, i.e. nothing, or NaN for a NaN/inf factor
+// (eager's masked_fill-then-multiply); *s_nan records that (sticky over the chunks of one row).
 __device__ __forceinline__ void stage_slots(const Params& P, int64_t i, int64_t j0, int64_t chunk, int64_t* s_rows,
-                                            float* s_w, int* s_live) {
+                                            float* s_w, int* s_live, int* s_nan) {
   const unsigned lane = threadIdx.x;
   int live = 0;
+  bool nan_hit = false;
   for (int64_t base = 0; base < chunk; base += 32) {
     const int64_t j = j0 + base + lane;
     int64_t p = -1;
@@ -112,10 +115,13 @@ __device__ __forceinline__ void stage_slots(const Params& P, int64_t i, int64_t 
       } else if (p < 0 && P.negative_index == kWrapNegative) {
         p += P.rows;
       }
-      if (p >= 0 && P.row_mask != nullptr && P.row_mask[p * P.row_mask_stride]) p = -1;
       if (p >= 0) {
         if (P.factors_per_row) w = load_float(P.factors, P.factor_kind, p * P.factor_stride0);
         w = round_factor(w, P.factor_round);
+        if (P.row_mask != nullptr && P.row_mask[p * P.row_mask_stride]) {
+          nan_hit = nan_hit || !isfinite(w);
+          p = -1;
+        }
       }
     }
     const bool valid = p >= 0;
@@ -127,7 +133,11 @@ __device__ __forceinline__ void stage_slots(const Params& P, int64_t i, int64_t 
     }
     live += __popc(ballot);
   }
-  if (lane == 0) *s_live = live;
+  const bool any_nan = __any_sync(0xffffffffu, nan_hit);
+  if (lane == 0) {
+    *s_live = live;
+    *s_nan = (j0 == 0 ? 0 : *s_nan) | (any_nan ? 1 : 0);
+  }
 }
 
 template <typename in_t, int VEC>
@@ -187,11 +197,12 @@ __global__ void __launch_bounds__(kMaxThreads) shuffle_mul_sum_kernel(const Para
   __shared__ int64_t s_rows[kChunk + kPad];
   __shared__ float s_w[kChunk + kPad];
   __shared__ int s_live;
+  __shared__ int s_nan;
 
   const int64_t i = blockIdx.x;
   const bool one_chunk = P.topk <= kChunk;
   if (one_chunk) {  // the common case: stage once, then walk every column this block owns
-    if (threadIdx.x < 32) stage_slots(P, i, 0, P.topk, s_rows, s_w, &s_live);
+    if (threadIdx.x < 32) stage_slots(P, i, 0, P.topk, s_rows, s_w, &s_live, &s_nan);
     __syncthreads();
   }
   const int64_t block_cols = static_cast<int64_t>(blockDim.x) * VEC;
@@ -207,10 +218,14 @@ __global__ void __launch_bounds__(kMaxThreads) shuffle_mul_sum_kernel(const Para
     } else {
       for (int64_t j0 = 0; j0 < P.topk; j0 += kChunk) {
         __syncthreads();  // the previous chunk's slots are no longer read
-        if (threadIdx.x < 32) stage_slots(P, i, j0, std::min<int64_t>(kChunk, P.topk - j0), s_rows, s_w, &s_live);
+        if (threadIdx.x < 32) stage_slots(P, i, j0, std::min<int64_t>(kChunk, P.topk - j0), s_rows, s_w, &s_live, &s_nan);
         __syncthreads();
         if (c < P.k) accumulate<in_t, VEC>(P, s_rows, s_w, s_live, c, acc);
       }
+    }
+    if (s_nan) {  // read after the __syncthreads that follows the last staging
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = __int_as_float(0x7fc00000);
     }
     if (c < P.k) store<in_t, out_t, VEC>(P, i, c, acc);
   }

@@ -6,7 +6,7 @@ where the build cache is, whether the Inductor fusion pass is installed and enab
 build that failed, the compiler's full message.
 
     python -m fused_moe_ops            # human-readable report
-    python -m fused_moe_ops --json     # the same facts as JSON (used by tests/test_env_report.py)
+    python -m fused_moe_ops --json     # the same facts as JSON, plus where the dispatcher's kernels were registered
 
 Importing the package is what loads (from the wheel or the cache) or builds the kernels, so the
 report shows exactly what an ``import fused_moe_ops`` in this environment gets. The exit status is 0 even when
@@ -225,9 +225,10 @@ def render(info: Dict[str, Any]) -> str:
     for kind in ("cpu", "cuda"):
         active = info["active"].get(kind, "-")
         add(f"  {kind:7s} {active:10s} {_build_line(info['builds'][kind])}")
-    for kind, where in info["dispatcher"].items():
-        add(f"  {kind} kernel registered at {where}")
     for kind, why in info["fallback_reasons"].items():
+        skipped = info["builds"].get(kind, {}).get("skipped")
+        if skipped and why == f"CUDA kernel not built: {skipped}":
+            continue  # the build row above already says why
         add(f"  {kind} fallback because: {why}")
     for kind in ("cpu", "cuda"):
         if info["builds"][kind].get("note"):

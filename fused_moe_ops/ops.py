@@ -12,7 +12,8 @@ What it computes (the MoE combine step, one pass over memory)::
     out[i, :] = sum_{j < topk, p = permutation[i*topk + j], p >= 0} factors[i, j] * input[p, :]
 
 accumulated in float32 and rounded once to ``out_dtype``. Negative permutation entries mean
-"no contribution" (dropped token, expert on another rank); an entry >= R is an error.
+"no contribution" (dropped token, expert on another rank): a skipped slot adds nothing and its
+factor is never read, so a NaN/inf factor there has no effect. An entry >= R is an error.
 """
 from __future__ import annotations
 
@@ -47,8 +48,10 @@ OUT_SCHEMA = (
 #                   (wrapped) row p (weights applied before the gather); then permutation is (M, topk)
 #   scale, addend   out = scale * sum + addend, in float32, rounded once; addend broadcastable to
 #                   (M, K), or with more than 2 dims M*K elements in (M, K) order; any float dtype
-#   row_mask        bool (R,): a row whose entry is true contributes nothing (a row masked to zero
-#                   before the combine, as HF transformers masks its sentinel rows), NaN/inf included
+#   row_mask        bool (R,): a row whose entry is true reads as zeros, whatever it holds (a row
+#                   masked to zero before the combine, as HF transformers masks its sentinel rows):
+#                   its slots add 0 * factor, which is 0, or NaN for a NaN/inf (rounded) factor,
+#                   exactly as eager's ``x.masked_fill(mask, 0)[idx] * w`` gives
 # A 2-D permutation must be (M, topk); it is read row-major.
 FUSED_OP_NAME = "_shuffle_mul_sum_fused"
 FUSED_SCHEMA = (
@@ -156,6 +159,42 @@ def check_out(out: Tensor, input: Tensor, m, k) -> None:
     )
 
 
+def check_out_no_overlap(out: Tensor, *others: Optional[Tensor]) -> None:
+    """``out`` must not overlap itself nor any of ``others``: writing into memory the op also reads
+    would be a silent wrong answer. Same rule and messages as csrc/shuffle_mul_sum.h's check_out.
+    Address spans: conservative, never wrong. On fake tensors (torch.compile, where ``out`` is
+    functionalized into a fresh buffer before any kernel runs) the spans are compared within a shared
+    storage, so the compiled call raises exactly where the eager one does."""
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise RuntimeError(
+            "moe::shuffle_mul_sum: out must not have elements that share memory (e.g. an expand()ed tensor)"
+        )
+    for other in others:
+        if other is not None and other.numel() and out.numel() and _spans_overlap(out, other):
+            raise RuntimeError("moe::shuffle_mul_sum: out must not share memory with input, permutation or factors")
+
+
+def _spans_overlap(a: Tensor, b: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(a) or is_fake(b) or a.device.type == "meta":
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        if StorageWeakRef(a.untyped_storage()) != StorageWeakRef(b.untyped_storage()):
+            return False
+        start = lambda t: t.storage_offset() * t.element_size()  # noqa: E731
+    else:
+        start = lambda t: t.data_ptr()  # noqa: E731
+
+    def span(t: Tensor):
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
+        return start(t), start(t) + extent * t.element_size()
+
+    a0, a1 = span(a)
+    b0, b1 = span(b)
+    return a0 < b1 and b0 < a1
+
+
 def addend_fits(addend: Tensor, m, k) -> bool:
     """Broadcastable to (M, K), or, with more than two dimensions, M*K elements in row-major (M, K)
     order (the residual of ``out.view(b, s, h) + r``). Same rule as csrc/shuffle_mul_sum.h."""
@@ -227,6 +266,7 @@ def _shuffle_mul_sum_fake(input, permutation, factors, out_dtype=None):
 def _shuffle_mul_sum_out_fake(input, permutation, factors, *, out):
     m, _, k = check_args(input, permutation, factors, None)
     check_out(out, input, m, k)
+    check_out_no_overlap(out, input, permutation, factors)
     return out
 
 
@@ -245,6 +285,7 @@ def shuffle_mul_sum(
         permutation: (M*topk,)     int32 / int64, or None for the identity (then R == M*topk);
                                    entry ``i*topk + j`` is the row of ``input`` holding token i's
                                    j-th expert output; negative entries contribute nothing
+                                   (their factors are not read: NaN/inf there has no effect)
         factors:     (M, topk)     float32 / float16 / bfloat16 (router weights)
         returns:     (M, K)        dtype ``out_dtype`` (default: input.dtype), or ``out``
 

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import FACTOR_ROUND, SKIP_NEGATIVE, WRAP_NEGATIVE, addend_as_rows, check_args, check_fused_args, check_out
+from .ops import (FACTOR_ROUND, SKIP_NEGATIVE, WRAP_NEGATIVE, addend_as_rows, check_args, check_fused_args, check_out,
+                  check_out_no_overlap)
 
 _ROUND_TO = {code: dtype for dtype, code in FACTOR_ROUND.items() if dtype is not None}
 
@@ -49,7 +50,8 @@ def shuffle_mul_sum_reference(
     *,
     acc_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """out[i] = sum_j factors[i, j] * input[permutation[i*topk+j]], skipping negative entries.
+    """out[i] = sum_j factors[i, j] * input[permutation[i*topk+j]], skipping negative entries (a
+    skipped slot's factor is never read: NaN/inf there has no effect).
 
     Accumulates in ``acc_dtype`` and rounds once to ``out_dtype`` (default input.dtype).
     """
@@ -60,19 +62,31 @@ def shuffle_mul_sum_reference(
 
 
 def _weighted_sum(input: Tensor, permutation: Optional[Tensor], factors: Tensor, m, topk, k,
-                  acc_dtype: torch.dtype) -> Tensor:
-    """The sum in acc_dtype (arguments checked, entries < R; negative ones skipped)."""
+                  acc_dtype: torch.dtype, zero_rows: Optional[Tensor] = None) -> Tensor:
+    """The sum in acc_dtype (arguments checked, entries < R).
+
+    A negative entry is a skipped slot: it contributes nothing, whatever its factor (its factor is
+    never read, so a NaN/inf there has no effect). ``zero_rows`` (bool, one per slot) marks slots whose
+    row reads as zeros: they contribute ``0 * factor``, i.e. NaN for a NaN/inf factor.
+    """
     if permutation is None:
         rows = input.to(acc_dtype)
+        live = None
     elif input.shape[0] == 0:
         # Valid only when every entry is negative (checked above): nothing is gathered.
         rows = input.new_zeros((m * topk, k), dtype=acc_dtype)
+        live = torch.zeros(m * topk, dtype=torch.bool, device=input.device)
     else:
         index = permutation.long()
         rows = input.index_select(0, index.clamp(min=0)).to(acc_dtype)
-        # torch.where, not a multiply by the mask: a skipped row holding inf/nan must not leak.
-        rows = torch.where((index >= 0).unsqueeze(-1), rows, rows.new_zeros(()))
+        live = index >= 0
+    if zero_rows is not None:
+        # torch.where, not a multiply by the mask: a zeroed row holding inf/nan must not leak.
+        rows = torch.where(zero_rows.unsqueeze(-1), rows.new_zeros(()), rows)
     weighted = rows.view(m, topk, k) * factors.to(acc_dtype).view(m, topk, 1)
+    if live is not None:
+        # After the multiply: a skipped slot's factor (NaN/inf included) must not leak either.
+        weighted = torch.where(live.view(m, topk, 1), weighted, weighted.new_zeros(()))
     return weighted.sum(dim=1)
 
 
@@ -98,16 +112,16 @@ def shuffle_mul_sum_fused_reference(
     check_permutation_range(flat, rows, negative_index)
     if flat is not None and negative_index == WRAP_NEGATIVE:
         flat = torch.where(flat < 0, flat + rows, flat)
-    if row_mask is not None:  # a masked row is skipped like a negative entry
-        if flat is None:
-            flat = torch.arange(m * topk, device=input.device)
-        masked = (flat >= 0) & row_mask[flat.clamp(min=0)] if rows else torch.zeros_like(flat, dtype=torch.bool)
-        flat = torch.where(masked, -1, flat)
+    zero_rows = None
+    if row_mask is not None:  # a masked row reads as zeros: 0 * factor (NaN for a NaN/inf factor)
+        slots = flat if flat is not None else torch.arange(m * topk, device=input.device)
+        zero_rows = ((slots >= 0) & row_mask[slots.clamp(min=0)] if rows
+                     else torch.zeros(m * topk, dtype=torch.bool, device=input.device))
     if factors.dim() == 1:  # per input row: follow the permutation (skipped slots read row 0, unused)
         factors = factors[flat.clamp(min=0).long()].view(m, topk) if rows else factors.new_zeros(m, topk)
     if factor_round:
         factors = factors.to(_ROUND_TO[factor_round])
-    total = _weighted_sum(input, flat, factors, m, topk, k, acc_dtype) * scale
+    total = _weighted_sum(input, flat, factors, m, topk, k, acc_dtype, zero_rows) * scale
     if addend is not None:
         total = total + addend_as_rows(addend, m, k).to(acc_dtype)
     return total.to(out_dtype if out_dtype is not None else input.dtype)
@@ -118,31 +132,6 @@ def shuffle_mul_sum_reference_out(
 ) -> Tensor:
     m, _, k = check_args(input, permutation, factors, None)
     check_out(out, input, m, k)
-    _check_no_overlap(out, input, permutation, factors)
+    check_out_no_overlap(out, input, permutation, factors)
     out.copy_(shuffle_mul_sum_reference(input, permutation, factors, out.dtype))
     return out
-
-
-def _check_no_overlap(out: Tensor, *others: Optional[Tensor]) -> None:
-    # Same rule and message as csrc/shuffle_mul_sum.h's check_out: writing into memory we also
-    # read would be a silent wrong answer. Address spans: conservative, never wrong.
-    if torch._debug_has_internal_overlap(out) == 1:
-        raise RuntimeError(
-            "moe::shuffle_mul_sum: out must not have elements that share memory (e.g. an expand()ed tensor)"
-        )
-    for other in others:
-        if other is not None and other.numel() and out.numel() and _ranges_overlap(out, other):
-            raise RuntimeError(
-                "moe::shuffle_mul_sum: out must not share memory with input, permutation or factors"
-            )
-
-
-def _ranges_overlap(a: Tensor, b: Tensor) -> bool:
-    def span(t: Tensor):
-        start = t.data_ptr()
-        extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
-        return start, start + extent * t.element_size()
-
-    a0, a1 = span(a)
-    b0, b1 = span(b)
-    return a0 < b1 and b0 < a1

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import addend_as_rows, check_args, check_fused_args, check_out
+from .ops import addend_as_rows, check_args, check_fused_args, check_out, check_out_no_overlap
 
 try:
     import triton
@@ -130,7 +130,7 @@ if triton is not None:
         FACTORS_PER_ROW: tl.constexpr,  # factors[p] instead of factors[i, j]
         HAS_SCALE: tl.constexpr,
         HAS_ADDEND: tl.constexpr,
-        HAS_ROW_MASK: tl.constexpr,     # mask[p] true: row p contributes nothing
+        HAS_ROW_MASK: tl.constexpr,     # mask[p] true: row p reads as zeros (adds 0 * factor)
         TOPK: tl.constexpr,             # a model constant: compile-time, so the top-k loop has static bounds
         TOPK_BLOCK: tl.constexpr,       # slots loaded per step: any topk, bounded registers
         ROUND_BF16_RNE: tl.constexpr,
@@ -158,10 +158,7 @@ if triton is not None:
             else:
                 tl.device_assert(((p < R) & (p >= 0)) | ~j_ok,
                                  "moe::shuffle_mul_sum: permutation entry outside [0, input.shape[0])")
-            live = j_ok & (p >= 0) & (p < R)  # negative entries contribute nothing
-            if HAS_ROW_MASK:
-                masked = tl.load(mask_ptr + tl.where(live, p, 0) * stride_mask, mask=live, other=0).to(tl.int1)
-                live = live & ~masked
+            live = j_ok & (p >= 0) & (p < R)  # a skipped slot contributes nothing, its factor unread
             if FACTORS_PER_ROW:
                 w = tl.load(fac_ptr + p * stride_f0, mask=live, other=0.0).to(tl.float32)
             else:
@@ -170,6 +167,13 @@ if triton is not None:
                 w = w.to(tl.float16).to(tl.float32)
             elif FACTOR_ROUND == 2:
                 w = _round_to_bf16(w)
+            if HAS_ROW_MASK:
+                # A masked row reads as zeros: it adds 0 * w, which is 0, or NaN for a NaN/inf w
+                # (eager's masked_fill-then-multiply); its row is not loaded.
+                masked = tl.load(mask_ptr + tl.where(live, p, 0) * stride_mask, mask=live, other=0).to(tl.int1)
+                masked = live & masked
+                acc += tl.sum(tl.where(masked, w * 0.0, 0.0), axis=0)
+                live = live & ~masked
             rows = tl.where(live, p, 0)
             x = tl.load(
                 in_ptr + rows[:, None] * stride_in + cols[None, :],
@@ -269,11 +273,10 @@ def shuffle_mul_sum_triton(
 
 def shuffle_mul_sum_triton_out(input: Tensor, permutation: Optional[Tensor], factors: Tensor, *, out: Tensor) -> Tensor:
     """The op's ``.out`` form on the Triton kernel."""
-    from .reference import _check_no_overlap
 
     m, topk, k = check_args(input, permutation, factors, None)
     check_out(out, input, m, k)
-    _check_no_overlap(out, input, permutation, factors)
+    check_out_no_overlap(out, input, permutation, factors)
     _check_usable()
     direct = k <= 1 or out.stride(1) == 1
     dst = out if direct else torch.empty((m, k), dtype=out.dtype, device=out.device)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# scripts/gpu_check.sh: the single prepared command for a lent GPU machine (issue 4 item 4, issue 8).
+# scripts/gpu_check.sh: the single prepared command for a lent GPU machine: build, CUDA tests,
+# sanitizers, benchmarks, in one call.
 #
 #   bash scripts/gpu_check.sh            # from anywhere; results under $OUT (default ./gpu_check_out)
 #
@@ -17,9 +18,9 @@
 #              * scripts/sanitize_kernels.py (both kernels, every code path, checked against float64)
 #                under compute-sanitizer: memcheck, racecheck, synccheck on the CUDA kernel, memcheck
 #                on the Triton kernel (its small case set: each specialisation is a JIT compile)
-#   bench      python -m fused_moe_ops.benchmark --device cuda --grid issue8 (plain sweep if the tool
-#              has no --grid): alone on the GPU, after the tests
-#   model      python -m fused_moe_ops.benchmark --device cuda --model (compiled MoE blocks, +- the pass)
+#   bench      python -m fused_moe_ops.bench --device cuda --grid pass-vs-inductor --compile dynamic:
+#              alone on the GPU, after the tests
+#   model      python -m fused_moe_ops.bench --device cuda --model (compiled MoE blocks, +- the pass)
 #   ep         torchrun --nproc-per-node 1 examples/expert_parallel.py --backend nccl --scheme both --compile
 #              (skipped when the example is absent)
 #   slowtests, compiletests   in parallel, with the time left: -m "cuda and slow" per tests/ file,
@@ -269,16 +270,11 @@ else
   if [ ${#POOL_NAMES[@]} -gt 0 ]; then run_pool tests 150 170; fi
 
   # ---- measurements, alone on the GPU ------------------------------------------------------------
-  if "$PY" -m fused_moe_ops.benchmark --help 2>/dev/null | grep -q -- "--grid"; then
-    # dynamic: one compile per (topk, K) with the token count symbolic, as serving engines compile
-    # (88 static compiles would not fit the step's time)
-    BENCH_ARGS=(--grid issue8 --compile dynamic)
-  else
-    BENCH_ARGS=(--budget 0.05)   # the plain sweep (bf16, topk 8, K 4096 / 7168, M 1..16384)
-  fi
-  step bench 150 75 "$PY" -m fused_moe_ops.benchmark --device cuda "${BENCH_ARGS[@]}" \
+  # dynamic: one compile per (topk, K) with the token count symbolic, as serving engines compile
+  # (88 static compiles would not fit the step's time)
+  step bench 150 75 "$PY" -m fused_moe_ops.bench --device cuda --grid pass-vs-inductor --compile dynamic \
     --json "$OUT/bench_gpu.json" --plot "$OUT/bench_gpu.png"
-  step model 120 30 "$PY" -m fused_moe_ops.benchmark --device cuda --model --model-set qwen3_moe,tiny \
+  step model 120 30 "$PY" -m fused_moe_ops.bench --device cuda --model --model-set qwen3_moe,tiny \
     --model-m 4096,512,64,8,1 --budget 0.05 --json "$OUT/model_gpu.json"
   if [ -f examples/expert_parallel.py ]; then
     step ep 45 0 "$PY" -m torch.distributed.run --nproc-per-node 1 examples/expert_parallel.py \

@@ -19,7 +19,7 @@ Backends:
 The cases cover: the 16-byte vector path and the scalar path (K not a multiple of the vector, odd
 row stride, unaligned view), odd topk, topk 1, topk > 32 (two ballot rounds), topk 300 and 4096,
 strided input rows, M = 1 (column-split grid), large M, the M = 1 / topk = 1 / K = 1 float32 call
-(issue 8: a shared-memory read past the allocation), all-negative permutations (with and without
+(the smallest call: one slot, one element), all-negative permutations (with and without
 input rows), duplicates, int32 / int64 / None permutations, strided permutations, transposed
 factors, float32 / bfloat16 / float16 in every role, the functional and the out= form (contiguous,
 row-padded and column-strided out), and the no-launch shapes (M, K or topk 0). Rows no live entry

@@ -322,7 +322,7 @@ def nan_like(shape, dtype, device, *, layout="contiguous"):
 
 
 # ----------------------------------------------------------------------------------------------
-# The bad-input table (issue 2, item 6), shared by test_errors.py and test_fallback.py
+# The bad-input table, shared by test_errors.py and test_fallback.py
 # ----------------------------------------------------------------------------------------------
 
 class BadCall(NamedTuple):

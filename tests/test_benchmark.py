@@ -1,4 +1,4 @@
-"""The benchmark tool (python -m fused_moe_ops.benchmark) runs and reports what it measured, at tiny shapes.
+"""The benchmark tool (python -m fused_moe_ops.bench) runs and reports what it measured, at tiny shapes.
 
 What is tested is the tool (its flags, its JSON, its ratios, its interleaving), never performance:
 the shapes are tiny and the timing budgets a few milliseconds.
@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_moe_ops import benchmark
-from fused_moe_ops.bench import sweep, timing
+from fused_moe_ops.bench import cli, sweep, timing
 from fused_moe_ops.bench.models import count_launches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +25,7 @@ def run_benchmark(*args: str, timeout: int = 300) -> subprocess.CompletedProcess
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("FUSED_MOE_OPS_NO_CUDA", "1")
-    return subprocess.run([sys.executable, "-m", "fused_moe_ops.benchmark", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fused_moe_ops.bench", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=str(ROOT))
 
 
@@ -48,11 +47,11 @@ def test_sweep_every_topk_and_shape_in_json(tmp_path):
 
 
 def run_in_process(capsys, *args: str):
-    """benchmark.main in this process (no second torch import: seconds faster); the global
+    """cli.main in this process (no second torch import: seconds faster); the global
     compile settings it changes are restored afterwards."""
     with torch._inductor.config.patch(fx_graph_cache=torch._inductor.config.fx_graph_cache), \
             torch._dynamo.config.patch(cache_size_limit=torch._dynamo.config.cache_size_limit):
-        rc = benchmark.main(list(args))
+        rc = cli.main(list(args))
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
@@ -70,16 +69,27 @@ def test_sweep_pass_vs_no_pass_table(tmp_path, capsys):
     assert s["pass_rewrites"] == 1  # the seed line, rewritten once
 
 
-def test_grid_issue8_is_exactly_the_issue_grid():
-    args = benchmark.parse_args(["--grid", "issue8"])
-    benchmark.apply_defaults(args, "cpu")
+def test_grid_pass_vs_inductor_shapes_and_settings():
+    args = cli.parse_args(["--grid", "pass-vs-inductor"])
+    cli.apply_defaults(args, "cpu")
     assert args.m == [1, 2, 4, 8, 16, 32, 64, 128, 512, 4096, 16384]
     assert sorted(args.k) == [4096, 7168] and sorted(args.topk) == [2, 8] and args.dtype == "bf16"
     assert {"inductor", "inductor+pass", "copy"} <= set(args.impls.split(","))
     assert args.graph_max_m >= max(args.m)  # every M as CUDA-graph replays
-    explicit = benchmark.parse_args(["--grid", "issue8", "--m", "4", "--topk", "1"])
-    benchmark.apply_defaults(explicit, "cpu")
+    explicit = cli.parse_args(["--grid", "pass-vs-inductor", "--m", "4", "--topk", "1"])
+    cli.apply_defaults(explicit, "cpu")
     assert explicit.m == [4] and explicit.topk == [1]  # flags given explicitly win
+
+
+@pytest.mark.parametrize("module", ["fused_moe_ops.bench", "fused_moe_ops.benchmark"])
+def test_entry_points_help(module):
+    """The CLI's home (python -m fused_moe_ops.bench) and its alias both answer --help with the grid named."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("FUSED_MOE_OPS_NO_CUDA", "1")
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("usage: python -m fused_moe_ops.bench") and "pass-vs-inductor" in proc.stdout
 
 
 def test_bad_flags_exit_2_naming_the_flag(capsys):

@@ -209,7 +209,7 @@ RANK = """
 
 def test_concurrent_first_imports_build_once(tmp_path):
     """Eight processes reach an empty build directory at the same moment: one builds, the other seven
-    wait on the lock and then find the finished build (the real kernel: see README "Building")."""
+    wait on the lock and then find the finished build (the real kernel: see docs/BUILDING.md)."""
     n = 8
     build_dir = tmp_path / "cache" / "fused_moe_ops_cpu_test"
     build_dir.parent.mkdir()

@@ -1,4 +1,4 @@
-"""CUDA graphs (issue 5, item 4). GPU only: every test here skips cleanly without CUDA.
+"""CUDA graphs. GPU only: every test here skips cleanly without CUDA.
 
 * Manual ``torch.cuda.graphs`` capture of ``moe.shuffle_mul_sum`` (functional and ``.out``), then
   replays after copying new values, a new permutation (with -1 entries) and new factors into the

@@ -1,4 +1,4 @@
-"""Bad input (issue 2, item 6): every bad call raises, naming the argument, the expectation and
+"""Bad input: every bad call raises, naming the argument, the expectation and
 what came; the message is the same from the C++ kernel, the Python reference (the fallback) and
 the fake / meta path; nothing the caller passed is modified (``out`` included: a bad call must
 not write into it).

@@ -1,4 +1,4 @@
-"""The examples run, as a new user runs them (subprocesses), at tiny sizes (issue 5, items 1-2)."""
+"""The examples run, as a new user runs them (subprocesses), at tiny sizes."""
 from __future__ import annotations
 
 import os
@@ -101,3 +101,27 @@ def test_moe_block_rejects_bad_topk():
                           capture_output=True, text=True, cwd=str(ROOT),
                           env=dict(os.environ, PYTHONPATH=str(ROOT), FUSED_MOE_OPS_NO_CUDA="1"))
     assert proc.returncode == 2 and "--topk must be between 1 and --experts" in proc.stderr
+
+
+def _readme_block(after: str, lang: str) -> str:
+    """The first fenced block of language ``lang`` after the line ``after`` in README.md."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(after)
+    for m in re.finditer(r"^```(\w*)\n(.*?)^```$", text[start:], re.S | re.M):
+        if m.group(1) == lang:
+            return m.group(2)
+    raise AssertionError(f"README.md has no ```{lang} block after {after!r}")
+
+
+def test_readme_usage_prints_what_the_readme_says(tmp_path):
+    """The README's usage example, run as a user pastes it: its output is the one the README shows."""
+    code, shown = _readme_block("## Usage", "python"), _readme_block("## Usage", "")
+    script = tmp_path / "usage.py"
+    script.write_text(code)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if not HAS_CUDA:
+        env.setdefault("FUSED_MOE_OPS_NO_CUDA", "1")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout == shown, f"README shows:\n{shown}\nthe code printed:\n{proc.stdout}"

@@ -1,4 +1,4 @@
-"""Expert parallelism over torch.distributed (issue 10): 2 and 4 CPU processes on gloo, both schemes.
+"""Expert parallelism over torch.distributed: 2 and 4 CPU processes on gloo, both schemes.
 
 Each world size starts its processes once (tests/_expert_parallel_worker.py, one subprocess per
 rank, a free port, a timeout so that a hang fails instead of blocking CI) and runs every case, eager

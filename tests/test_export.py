@@ -1,4 +1,4 @@
-"""Deployment without Python model code (issue 5, item 3).
+"""Deployment without Python model code.
 
 * ``torch.export`` of a model that calls ``moe.shuffle_mul_sum`` explicitly, token dimension dynamic:
   the op stays one node in the graph; ``torch.export.save`` / ``load`` round-trips; the loaded

@@ -41,6 +41,7 @@ class Spec(NamedTuple):
     row_pad: int = 0
     row_mask: bool = False    # a bool (R,) mask; the masked rows hold NaN, which must not leak
     identity: bool = False    # permutation None (R = M*topk)
+    nonfinite: bool = False   # NaN/inf factors on skipped slots (add nothing) and on masked rows (add NaN)
 
 
 CASES = {
@@ -65,6 +66,11 @@ CASES = {
     "row-mask-nan-rows": Spec(row_mask=True),
     "row-mask-per-row-factors-skip-mode": Spec(row_mask=True, per_row=True, negative_index=SKIP_NEGATIVE, addend="same"),
     "row-mask-identity-permutation": Spec(row_mask=True, identity=True, addend="same", k=33),
+    "nonfinite-factors-skipped-slots": Spec(negative_index=SKIP_NEGATIVE, nonfinite=True, addend="same"),
+    "nonfinite-factors-masked-rows": Spec(row_mask=True, nonfinite=True),
+    "nonfinite-factors-masked-rows-f16-overflow": Spec(m=16, row_mask=True, nonfinite=True, rounding=torch.float16,
+                                                       negative_index=SKIP_NEGATIVE, dtype=torch.float32),
+    "nonfinite-factors-masked-rows-per-row": Spec(row_mask=True, nonfinite=True, per_row=True, scale=0.5),
 }
 
 
@@ -98,6 +104,8 @@ def make_fused_case(spec: Spec, seed: int, device: str):
             mask[int(p.reshape(-1)[0]) % rows] = True  # a masked row that is read
         x = x.clone()
         x[mask] = float("nan")  # skipped rows must not leak, even NaN
+    if spec.nonfinite:
+        _poison_factors(spec, x.shape[0], p, f, mask)
     a = None
     if spec.addend == "same":
         a = make_input(spec.m, spec.k, spec.dtype, g)
@@ -106,6 +114,30 @@ def make_fused_case(spec: Spec, seed: int, device: str):
     elif spec.addend == "viewed":
         a = make_input(spec.m, spec.k, spec.dtype, g).view(1, spec.m, spec.k)
     return tuple(to_device(t, device) for t in (x, p, f, a, mask))
+
+
+def _poison_factors(spec: Spec, rows: int, p, f, mask) -> None:
+    """In place: NaN / +inf / -inf factors where the semantics say what they do. A skipped slot's
+    factor is never read (adds nothing); a masked row reads as zeros, so its slot adds 0 * factor:
+    NaN for a NaN/inf factor, and for one that only overflows when rounded (70000 -> float16 inf)."""
+    bad = (float("nan"), float("inf"), float("-inf"), 7e4 if spec.rounding == torch.float16 else float("nan"))
+    slots = torch.arange(spec.m * spec.topk) if p is None else p.reshape(-1).long()
+    if spec.negative_index == SKIP_NEGATIVE:
+        skipped = (slots < 0).nonzero().view(-1)
+        assert skipped.numel(), "the case needs a skipped slot"
+        for n, s in enumerate(skipped.tolist()):
+            if not spec.per_row:
+                f.view(-1)[s] = bad[n % len(bad)]
+    if mask is not None:
+        wrapped = torch.where(slots < 0, slots + rows, slots) if spec.negative_index == WRAP_NEGATIVE else slots
+        masked = ((wrapped >= 0) & mask[wrapped.clamp(min=0)]).nonzero().view(-1).tolist()
+        assert len(masked) >= 2, "the case needs masked slots"
+        # Poison every other masked slot: the others keep finite factors and must add exactly 0.
+        for n, s in enumerate(masked[::2]):
+            if spec.per_row:
+                f[int(wrapped[s])] = bad[n % len(bad)]
+            else:
+                f.view(-1)[s] = bad[n % len(bad)]
 
 
 def _call(spec: Spec, x, p, f, a, mask, out_dtype=None):
@@ -122,10 +154,16 @@ def assert_fused_matches_reference(out, spec: Spec, x, p, f, a, mask, out_dtype,
         None if cpu[3] is None else cpu[3].abs(), cpu[4], acc_dtype=torch.float64).double()
     assert out.dtype == out_dtype and tuple(out.shape) == (spec.m, spec.k), (what, out.dtype, out.shape)
     got = out.cpu().double()
-    assert not torch.isnan(got).any(), f"{what}: NaN in the output (poison or a skipped row leaked)"
-    assert not torch.isnan(ref).any(), f"{what}: NaN in the reference"
-    bound = error_bound(ref, abs_sum, max(spec.topk, 1) + 1, out_dtype)  # +1: the addend's add
-    err = (got - ref).abs()
+    nan = torch.isnan(ref)
+    if spec.nonfinite and spec.row_mask:
+        assert nan.any(), f"{what}: a masked row times a NaN/inf factor must give NaN in the reference"
+    else:
+        assert not nan.any(), f"{what}: NaN in the reference"
+    assert torch.equal(torch.isnan(got), nan), (
+        f"{what}: NaN at {torch.isnan(got).nonzero().tolist()[:6]}, the reference at {nan.nonzero().tolist()[:6]} "
+        "(poison, a skipped row or factor leaked, or a masked row's 0 * NaN was dropped)")
+    bound = error_bound(ref[~nan], abs_sum[~nan], max(spec.topk, 1) + 1, out_dtype)  # +1: the addend's add
+    err = (got[~nan] - ref[~nan]).abs()
     assert (err <= bound).all(), f"{what}: worst err/bound {(err / bound).max().item():.3g}"
 
 
@@ -166,6 +204,47 @@ def test_fused_wrap_reads_the_row_eager_reads(device):
     assert torch.equal(out, eager)
     skipped = fused(x, p, f, None, SKIP_NEGATIVE)
     assert torch.equal(skipped.cpu(), torch.stack([torch.zeros(3), x[0].cpu() + x[3].cpu()]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_skipped_slot_factor_is_never_read(device, impl, bad):
+    """A negative entry adds nothing, whatever its factor: the public op, the fused op in skip mode,
+    and the reference that serves a device without a kernel all give 2, not NaN."""
+    from fused_moe_ops.reference import shuffle_mul_sum_reference
+
+    x = torch.ones(3, 4, device=device)
+    p = torch.tensor([-1, 1], device=device)
+    w = torch.tensor([[bad, 2.0]], device=device)
+    if impl == "kernel":
+        outs = [torch.ops.moe.shuffle_mul_sum(x, p, w), fused(x, p, w, None, SKIP_NEGATIVE)]
+    else:
+        outs = [shuffle_mul_sum_reference(x, p, w), shuffle_mul_sum_fused_reference(x, p, w, None, SKIP_NEGATIVE)]
+    for out in outs:
+        assert torch.equal(out.cpu(), torch.full((1, 4), 2.0)), out
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 7e4], ids=["nan", "inf", "f16-overflow"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_row_times_nonfinite_factor_is_nan_as_in_eager(device, bad):
+    """A masked row reads as zeros: 0 * NaN and 0 * inf are NaN in eager's
+    ``x.masked_fill(mask, 0)[idx] * w``, so the op (the pass's replacement for that line) gives NaN
+    too; a finite factor adds exactly 0, even though the masked row holds NaN."""
+    x = torch.arange(16.0, device=device).view(4, 4)
+    x[0] = float("nan")
+    mask = torch.tensor([True, False, False, False], device=device)
+    p = torch.tensor([0, 1, 0, 3], device=device)
+    w = torch.tensor([[bad, 1.0], [1.0, 1.0]], device=device)
+    rounding = torch.float16 if bad == 7e4 else None
+    wr = w if rounding is None else w.to(rounding)
+    eager = (x.masked_fill(mask.view(4, 1), 0.0)[p].view(2, 2, 4) * wr.view(2, 2, 1)).sum(dim=1)
+    assert torch.isnan(eager[0]).all() and not torch.isnan(eager[1]).any()
+    out = fused(x, p, w, None, SKIP_NEGATIVE, FACTOR_ROUND[rounding], 1.0, None, mask)
+    ref = shuffle_mul_sum_fused_reference(x.cpu(), p.cpu(), w.cpu(), None, SKIP_NEGATIVE, FACTOR_ROUND[rounding],
+                                          1.0, None, mask.cpu())
+    torch.testing.assert_close(out.cpu(), eager.cpu(), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(ref, eager.cpu(), equal_nan=True, rtol=0, atol=0)
 
 
 BAD = {

@@ -1,9 +1,9 @@
-"""A cheap import (issue 9, item 3): `import fused_moe_ops` loads the kernels and nothing heavy.
+"""A cheap import: `import fused_moe_ops` loads the kernels and nothing heavy.
 
 Inductor and Dynamo (about a second), Triton and setuptools (via torch.utils.cpp_extension) stay
 out of an eager user's process; the fusion pass is still in place before the first torch.compile,
 because it is installed when torch._inductor is imported. Checked on sys.modules in fresh
-interpreters (robust), not on timings (README "Building" has those numbers).
+interpreters (robust), not on timings (docs/BUILDING.md has those numbers).
 """
 import json
 import os

@@ -1,4 +1,4 @@
-"""moe::shuffle_mul_sum against the float64 reference (issue 2, item 7).
+"""moe::shuffle_mul_sum against the float64 reference.
 
 Covering design instead of the full cross product (4 M x 4 topk x 6 K x 27 dtype combinations
 x 3 index kinds x 2 forms would be ~15k cases):

@@ -1,5 +1,5 @@
 """Hypothesis property test: moe::shuffle_mul_sum agrees with the float64 reference on arbitrary
-small calls (issue 2, item 7: at least 200 examples).
+small calls (at least 200 examples).
 
 Hypothesis draws the structure (shapes, dtypes, permutation entries incl. duplicates, -1, other
 negatives and out-of-range-free edges, layouts, form); the values are fresh random data from a

@@ -1,6 +1,6 @@
 """scripts/sanitize_kernels.py, the program gpu_check runs under compute-sanitizer: it runs here on
 CPU (the C++ CPU kernel and Triton's interpreter over the same cases), its check rejects wrong
-answers, and its cases reach every code path of the CUDA kernel (issue 8, item 7)."""
+answers, and its cases reach every code path of the CUDA kernel."""
 from __future__ import annotations
 
 import importlib.util
@@ -81,7 +81,7 @@ def test_cases_cover_the_code_paths():
     has(lambda c: c.layout == "offset", "unaligned view")
     for topk in (1, 3, 33, 64, 300, 4096):
         has(lambda c, t=topk: c.topk == t, f"topk {topk}")
-    has(lambda c: c.m == 1 and c.topk == 1 and c.k == 1 and c.dtype == sk.F32, "issue 8's M=1 topk=1 K=1 float32")
+    has(lambda c: c.m == 1 and c.topk == 1 and c.k == 1 and c.dtype == sk.F32, "M=1 topk=1 K=1 float32")
     has(lambda c: c.m == 1 and c.k >= 4096, "M = 1, column-split grid")
     has(lambda c: c.m >= 4096, "large M")
     has(lambda c: c.perm == "all-neg" and c.rows, "all-negative permutation")

@@ -1,4 +1,4 @@
-"""The prebuilt wheel (issue 9, item 1): installed into a clean virtual environment with no compiler
+"""The prebuilt wheel: installed into a clean virtual environment with no compiler
 reachable and an empty build cache, it serves the op from the compiled kernels inside it and builds
 nothing.
 

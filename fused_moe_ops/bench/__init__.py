@@ -1,12 +1,13 @@
-"""The benchmark tool behind ``python -m fused_moe_ops.benchmark`` (the CLI lives in fused_moe_ops/benchmark.py).
+"""The benchmark tool, ``python -m fused_moe_ops.bench``.
 
 One concern per module:
 
+    cli.py        the command line: flags, defaults, the two modes, the printed report
     timing.py     CPU wall clock in interleaved rounds, CUDA events, CUDA-graph capture and replay,
                   how many input sets to rotate through
     variants.py   compiling a function without and with the fusion pass, kept apart
     machine.py    what ran it (CPU, GPU, versions, backends)
-    sweep.py      the op-level sweep: one shape, every implementation; named grids ("issue8")
+    sweep.py      the op-level sweep: one shape, every implementation; named grids ("pass-vs-inductor")
     models.py     the model-level comparison (TinyMoE and the HF models), with vs without the pass
     hf_models.py  Qwen3-MoE / Qwen2-MoE from transformers' own classes, random weights
     report.py     text tables, Markdown, JSON, the plot

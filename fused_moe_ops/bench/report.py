@@ -48,7 +48,7 @@ def print_table(rows, file=sys.stdout) -> None:
 
 
 def print_pass_table(summaries, file=sys.stdout) -> None:
-    """Pass vs no pass per shape (issue 8): the compiled combine with and without the pass, the op
+    """Pass vs no pass per shape: the compiled combine with and without the pass, the op
     called directly, and the share of copy bandwidth each reaches. with/without = inductor time /
     inductor+pass time (> 1: the pass made it faster)."""
     hdr = (f"{'topk':>5}{'K':>6}{'M':>7}{'inductor':>12}{'ind+pass':>12}{'with/without':>14}{'op':>12}"

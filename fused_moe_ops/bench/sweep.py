@@ -43,14 +43,14 @@ QUICK_K = {"cpu": [4096, 7168], "cuda": [7168]}
 ALL_IMPLS = ("eager", "inductor", "inductor+pass", "op", "cuda", "triton", "copy")
 
 # Named grids: the shapes (and the implementations, timing budget, graph limit) a question needs.
-# "issue8": is the compiled model with the pass ever slower than without it on CUDA? Every M a
+# "pass-vs-inductor": is the compiled combine with the pass ever slower than without it? Every M a
 # serving engine captures a graph for and the large prefill sizes, both DeepSeek-like hidden sizes,
 # top-2 and top-8, bf16, all as CUDA-graph replays (so launch overhead counts as it does in
 # serving). Timing budget sized for about 2 minutes of measuring on an H100/H200 (scripts/gpu_check.sh
 # runs it); the compiles come on top: static (the default) compiles both inductor rows per shape,
 # 88 compiles, which is what a per-M policy sees; --compile dynamic needs 16.
 GRIDS: Dict[str, Dict[str, object]] = {
-    "issue8": {
+    "pass-vs-inductor": {
         "m": [1, 2, 4, 8, 16, 32, 64, 128, 512, 4096, 16384],
         "k": [7168, 4096],
         "topk": [8, 2],

@@ -1,4 +1,4 @@
-"""The performance targets (issue 4 items 3 and 5, issue 8), evaluated on one run's rows."""
+"""The project's performance targets, evaluated on one run's rows (PASS / FAIL / N/A per target)."""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -60,7 +60,7 @@ def _sweep_targets(rows, device: str) -> List[Dict[str, object]]:
 
 
 def model_targets(device: str, model_rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
-    """Issue 8: the compiled model with the pass is >= 0.98x as fast as without it at every token count."""
+    """The compiled model with the pass is >= 0.98x as fast as without it at every token count."""
     out = []
     for name in dict.fromkeys(r.get("model", "tiny") for r in model_rows):
         mine = [r for r in model_rows if r.get("model", "tiny") == name]

@@ -198,14 +198,18 @@ def is_zero_fill(node: Any) -> bool:
 
 def peel_row_mask(rows: Node) -> Tuple[Node, Optional[Node], List[Node]]:
     """``where(mask, 0, z)`` with a per-row bool mask (R, 1) (``z.masked_fill(mask, 0)``: how HF
-    transformers zeroes its sentinel rows) -> (z, mask, walked); else (rows, None, []). The op skips
-    a masked row, so the masked tensor is never materialised. Lossless upcasts of z are peeled too."""
+    transformers zeroes its sentinel rows) -> (z, mask, walked); else (rows, None, []). The op reads a
+    masked row as zeros (``0 * factor``: NaN for a NaN/inf factor, as eager's multiply gives), so the
+    masked tensor is never materialised. Lossless upcasts of z are peeled too."""
     if not (isinstance(rows, Node) and rows.op == "call_function" and rows.target is aten.where.self):
         return rows, None, []
     cond, fill, z = rows.args
-    cv, rv = val(cond), tensor_val(rows)
+    cv, rv, zv = val(cond), tensor_val(rows), val(z)
+    # z must already be the where's full (R, k) result: a z that broadcasts (``where(mask, 0, x[:1])``)
+    # has fewer rows than the mask, and the op would read it with the mask's row count.
     if not (isinstance(cv, torch.Tensor) and cv.dtype == torch.bool and is_zero_fill(fill)
-            and same_shape(cv.shape, (rv.shape[0], 1))):
+            and same_shape(cv.shape, (rv.shape[0], 1))
+            and isinstance(zv, torch.Tensor) and zv.dtype == rv.dtype and same_shape(zv.shape, rv.shape)):
         return rows, None, []
     base, upcasts = peel_upcast(z)
     return base, cond, [rows] + upcasts
