@@ -20,7 +20,9 @@ import fused_moe_ops.fusion as fusion  # noqa: E402
 def _fresh_compile_state():
     """Every test starts from: dynamo reset, fusion on and installed, zero counters, and an empty
     Inductor cache (a cache hit would skip the pass and hide a rewrite); the post-grad slot is
-    restored afterwards."""
+    restored afterwards. Inductor's choice between the op and its own code (fusion/autotune.py) is
+    off: these tests check the rewritten graph, whose op a benchmark could replace by Inductor's code
+    at these small sizes; test_fusion_autotune.py turns it on and forces each choice."""
     import torch._inductor.config as inductor_config
     from torch._inductor import utils as inductor_utils
 
@@ -28,6 +30,7 @@ def _fresh_compile_state():
     saved_slot = inductor_config.post_grad_custom_post_pass
     fusion.enable_fusion()
     fusion.reset_fusion_stats()
+    autotune_was = fusion.set_autotune(False)
     torch._dynamo.reset()
     try:
         with fresh():
@@ -35,5 +38,6 @@ def _fresh_compile_state():
     finally:
         torch._dynamo.reset()
         fusion.enable_fusion()
+        fusion.set_autotune(autotune_was)
         inductor_config.post_grad_custom_post_pass = saved_slot
         fusion.install()

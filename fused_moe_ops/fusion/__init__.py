@@ -12,8 +12,11 @@ importing Inductor. Public API::
     fused_moe_ops.fusion_enabled()
     fused_moe_ops.fusion.compose_with(my_pass)   # for a post-grad pass of yours set after import
     fused_moe_ops.fusion.should_rewrite(...)     # profitability rule (policy.py)
+    fused_moe_ops.fusion.set_autotune(False)     # keep the op: no benchmark against Inductor's own code
+    fused_moe_ops.fusion.set_decomposition_preference(x)  # take Inductor's code within x times the op's time
 
-FUSED_MOE_OPS_DISABLE_FUSION=1 in the environment: the pass is not installed.
+FUSED_MOE_OPS_DISABLE_FUSION=1 in the environment: the pass is not installed. FUSED_MOE_OPS_AUTOTUNE=0:
+the op is never benchmarked against Inductor's code (fusion/autotune.py).
 See docs/FUSION.md for what it matches.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import warnings
 from typing import Any, Dict
 
 from . import _state
+from .autotune import autotune_enabled, decomposition_preference, set_autotune, set_decomposition_preference
 from .policy import should_rewrite
 
 # Defined in ._pass, which imports torch._inductor: loaded on first use (module __getattr__ below).
@@ -47,6 +51,10 @@ __all__ = [
     "reset_fusion_stats",
     "should_rewrite",
     "uninstall",
+    "autotune_enabled",
+    "decomposition_preference",
+    "set_autotune",
+    "set_decomposition_preference",
 ]
 
 

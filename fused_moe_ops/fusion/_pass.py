@@ -74,13 +74,17 @@ class ShuffleMulSumFusionPass(CustomGraphPass):
             return
         self.matched_count = self._get_patterns().apply(graph)
         if self.matched_count:  # then the consumers of what was rewritten (a scale, an add)
+            from .autotune import ensure_registered
             from .epilogue import fold_epilogues
 
             fold_epilogues(graph)
+            ensure_registered()  # Inductor chooses between the op and its own code (torch >= 2.12)
 
     def uuid(self) -> Optional[Any]:
+        from .autotune import cache_key
+
         on = "on" if _state.enabled() else "off"
-        return hashlib.sha256(f"{_sources_digest()}|{on}|{_hook_digest()}".encode()).hexdigest()
+        return hashlib.sha256(f"{_sources_digest()}|{on}|{_hook_digest()}|{cache_key()}".encode()).hexdigest()
 
     def __repr__(self) -> str:
         return f"<fused_moe_ops fusion pass ({'enabled' if _state.enabled() else 'disabled'})>"

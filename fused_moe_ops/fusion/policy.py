@@ -33,3 +33,25 @@ def should_rewrite(
     key (``uuid()``).
     """
     return True
+
+
+# Where Inductor chooses between the op and its own code (fusion/autotune.py: torch >= 2.12, static
+# sizes, not AOTInductor, not deterministic mode), the fastest decomposition is taken when its
+# benchmarked time is at most this many times the op's. It is benchmarked alone: what it gains by
+# fusing with the residual add and RMSNorm after the combine is not in that comparison. 1.0 (plain
+# timing) because on CPU that already gives the decomposition every case where its fusion paid in the
+# model runs (docs/BENCHMARKS.md, 2026-12-02 autotuning run): the op's benchmark is an extern call
+# with its Python dispatch, which at decode costs more than the unrolled decomposition's kernel.
+# No GPU measurement backs a CUDA value yet.
+DECOMPOSITION_PREFERENCE = 1.0
+
+
+def should_autotune(device_type: str, m: int, topk: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether Inductor benchmarks the op against its own code for one combine of these (static)
+    sizes; False keeps the op without a benchmark (saves its compile time).
+
+    The static rule, for where Inductor cannot choose (torch < 2.12, AOTInductor, deterministic
+    mode, a symbolic size, the autotuning switched off), is the op: on CPU it beats Inductor's code
+    for the combine alone at every measured size, and it is what those paths ran before. Its source
+    is part of the pass's cache key."""
+    return True

@@ -1,0 +1,310 @@
+"""Inductor chooses, per combine, between the op's kernel and its own code for it.
+
+The pass emits ``moe::_shuffle_mul_sum_fused``. Where torch has custom-op autotuning
+(``torch._inductor.kernel.custom_op.register_custom_op_autotuning``, torch >= 2.12), the op is
+registered with the decompositions of fusion/decompositions.py: at compile time Inductor benchmarks
+the op's kernel against them on the combine's real sizes and, when a decomposition wins, inlines it as
+Inductor IR, where it fuses with its neighbours (the residual add and the next RMSNorm at decode).
+Where our kernel wins (large M) the op stays.
+
+A decomposition is benchmarked alone, so what it gains by fusing is not in the comparison; the
+preference (``decomposition_preference``, default ``DEFAULT_PREFERENCE``) stands for it: the best
+decomposition is taken when its time is at most ``preference x`` the op's.
+
+Where Inductor cannot choose, the static rule ``policy.static_choice`` decides, and where that says
+"op" the op stays as it always did: a symbolic size (dynamic token count), AOTInductor (its
+decomposition cannot be benchmarked there), ``torch._inductor.config.deterministic`` (no benchmarking),
+torch < 2.12 (nothing is registered), or the autotuning switched off.
+
+Switch: ``fused_moe_ops.fusion.set_autotune(False)`` or ``FUSED_MOE_OPS_AUTOTUNE=0``; preference:
+``set_decomposition_preference(x)`` or ``FUSED_MOE_OPS_DECOMPOSITION_PREFERENCE=x``. Both are part
+of the pass's cache key (``cache_key()``), so a cached graph never comes back with the other setting.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import threading
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from . import policy
+from .decompositions import DECOMPOSITIONS, DEFAULTS, TENSOR_ARGS
+
+log = logging.getLogger("fused_moe_ops")
+
+_ENV_SWITCH = "FUSED_MOE_OPS_AUTOTUNE"
+_ENV_PREFERENCE = "FUSED_MOE_OPS_DECOMPOSITION_PREFERENCE"
+# Measured on CPU (docs/BENCHMARKS.md, "decomposition preference"): see policy.py.
+DEFAULT_PREFERENCE = policy.DECOMPOSITION_PREFERENCE
+# The unrolled decomposition is one gather per slot: beyond this topk its code grows for no gain.
+MAX_UNROLLED_TOPK = 16
+
+_lock = threading.Lock()
+_enabled: bool = os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _env_preference() -> float:
+    raw = os.environ.get(_ENV_PREFERENCE, "").strip()
+    if not raw:
+        return DEFAULT_PREFERENCE
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{_ENV_PREFERENCE} must be a positive number, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{_ENV_PREFERENCE} must be a positive number, got {raw!r}")
+    return value
+
+
+_preference: float = _env_preference()
+_registered = False
+_call = threading.local()  # the combine being lowered: what the input generators and configs need
+
+
+def _op():
+    return torch.ops.moe._shuffle_mul_sum_fused.default
+
+
+_AVAILABLE: list = []
+
+
+def available() -> Optional[str]:
+    """None where this torch has custom-op autotuning, else why not."""
+    if not _AVAILABLE:
+        try:
+            from torch._inductor.kernel import custom_op
+        except ImportError as e:
+            _AVAILABLE.append(f"torch {torch.__version__} has no custom-op autotuning ({e})")
+        else:
+            _AVAILABLE.append(None if hasattr(custom_op, "autotune_custom_op") else
+                              f"torch {torch.__version__} has no custom-op autotuning (autotune_custom_op)")
+    return _AVAILABLE[0]
+
+
+def set_autotune(enabled: bool) -> bool:
+    """Let Inductor choose between the op and its own code (True, the default) or always keep the op
+    (False). Returns the previous setting. Compile after changing it (it is part of the cache key)."""
+    global _enabled
+    with _lock:
+        previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def autotune_enabled() -> bool:
+    return _enabled
+
+
+def set_decomposition_preference(value: float) -> float:
+    """The decomposition is taken when its benchmarked time is at most ``value`` x the op's (1.0:
+    plain timing; larger prefers Inductor's code, for the fusion it gets). Returns the previous value."""
+    global _preference
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"decomposition preference must be a positive number, got {value!r}")
+    with _lock:
+        previous, _preference = _preference, float(value)
+    return previous
+
+
+def decomposition_preference() -> float:
+    return _preference
+
+
+def cache_key() -> str:
+    """What decides the choice, for the pass's uuid (the FX graph cache key)."""
+    return f"autotune={'on' if _enabled else 'off'}|available={available() is None}|preference={_preference!r}"
+
+
+# ------------------------------------------------------------------ registration
+
+
+# Inductor's autotuning (torch._inductor.kernel.custom_op) times its fallback choice by calling the op
+# with the tensor inputs positional and the other arguments by name. The op's schema has scalars
+# between its tensors (out_dtype before addend), so that call cannot be made on the op itself
+# (register_custom_op_autotuning on it fails to lower any combine with an addend). The choice is
+# timed on this twin instead: the same arguments, tensors first, calling the op. It only serves the
+# benchmark: where the op wins, the graph keeps the op's own lowering (the twin never runs in it).
+BENCH_OP_NAME = "_shuffle_mul_sum_fused_tensors_first"
+BENCH_SCHEMA = (
+    f"{BENCH_OP_NAME}(Tensor input, Tensor? permutation, Tensor factors, Tensor? addend=None, "
+    "Tensor? row_mask=None, ScalarType? out_dtype=None, int negative_index=0, int factor_round=0, "
+    "float scale=1.0) -> Tensor"
+)
+_bench_lib = None
+
+
+def _bench_op():
+    return getattr(torch.ops.moe, BENCH_OP_NAME).default
+
+
+def ensure_registered() -> bool:
+    """Register the op's autotuning lowering (and the benchmark twin) once; False where torch has no
+    custom-op autotuning. Called by the pass before Inductor lowers a graph holding the op."""
+    global _registered, _bench_lib
+    if _registered:
+        return True
+    if available() is not None:
+        return False
+    with _lock:
+        if _registered:
+            return True
+        from torch._inductor.lowering import user_lowerings
+
+        lib = torch.library.Library("moe", "FRAGMENT")
+        lib.define(BENCH_SCHEMA)
+
+        def twin(input, permutation, factors, addend=None, row_mask=None, out_dtype=None, negative_index=0,
+                 factor_round=0, scale=1.0):
+            return _op()(input, permutation, factors, out_dtype, negative_index, factor_round, scale, addend,
+                         row_mask)
+
+        lib.impl(BENCH_OP_NAME, twin, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"moe::{BENCH_OP_NAME}", twin, lib=lib)
+        _bench_lib = lib
+        previous = user_lowerings.get(_op())
+        user_lowerings[_op()] = _lowering if previous is None else _chained(previous)
+        _registered = True
+    return True
+
+
+def _chained(previous: Callable) -> Callable:
+    def lowering(*args: Any, **kwargs: Any):
+        out = _lowering(*args, **kwargs)
+        return previous(*args, **kwargs) if out is None else out
+
+    return lowering
+
+
+def _valid_permutation(fake: torch.Tensor) -> torch.Tensor:
+    # Inductor benchmarks integer inputs as zeros: every slot would read row 0 from cache.
+    return torch.randint(0, _call.rows, tuple(fake.shape), dtype=fake.dtype, device=fake.device)
+
+
+def _sparse_row_mask(fake: torch.Tensor) -> torch.Tensor:
+    return torch.rand(tuple(fake.shape), device=fake.device) < 0.05
+
+
+def _named(args: tuple, kwargs: dict) -> dict:
+    names = [a.name for a in _op()._schema.arguments]
+    named = dict(zip(names, args))
+    named.update(kwargs)
+    return named
+
+
+def _static(size) -> Optional[int]:
+    """An IR size as an int, or None where it is symbolic."""
+    try:
+        return int(size)
+    except TypeError:
+        return None
+
+
+def _sizes(named: dict):
+    """(R, M, topk, K) as ints, or None where one is symbolic."""
+    x, factors, perm = named["input"], named["factors"], named.get("permutation")
+    rows, k = x.get_size()
+    if len(factors.get_size()) == 1:
+        m, topk = perm.get_size()
+    else:
+        m, topk = factors.get_size()
+    sizes = tuple(_static(s) for s in (rows, m, topk, k))
+    return None if any(s is None for s in sizes) else sizes
+
+
+def why_not_autotuned(named: dict) -> Optional[str]:
+    """Why this call keeps the op without benchmarking (None: Inductor chooses)."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.virtualized import V
+
+    if not _enabled:
+        return "autotuning switched off"
+    if V.aot_compilation:
+        return "AOTInductor (a decomposition cannot be benchmarked there)"
+    if inductor_config.deterministic:
+        return "torch._inductor.config.deterministic (no benchmarking)"
+    present = [named.get(n) is not None for n in TENSOR_ARGS]
+    if present != sorted(present, reverse=True):
+        # The benchmark calls the twin with the given tensors positional: an absent one ahead of a
+        # given one (the identity permutation; a row mask without an addend) cannot be expressed.
+        return "an absent tensor argument ahead of a given one"
+    sizes = _sizes(named)
+    if sizes is None:
+        return "a symbolic size (the choice would be made once, at the size hint)"
+    if 0 in sizes:
+        return "an empty operand"
+    return None
+
+
+_SCALARS = ("out_dtype", "negative_index", "factor_round", "scale")
+
+
+def _lowering(*args: Any, **kwargs: Any):
+    """Inductor's lowering of the op: where Inductor can choose, the op's kernel and the
+    decompositions are benchmarked on the combine's sizes (autotune_custom_op); a winning
+    decomposition comes back inlined as IR. Else (and where the op wins) None: the op's own lowering."""
+    from torch._inductor.kernel.custom_op import autotune_custom_op
+
+    named = _named(args, kwargs)
+    why = why_not_autotuned(named)
+    if why is not None:
+        log.debug("fused_moe_ops: the op stays (not benchmarked): %s", why)
+        return None
+    rows, m, topk, k = _sizes(named)
+    device, dtype = named["input"].get_device(), named["input"].get_dtype()
+    if not policy.should_autotune(device.type, m, topk, k, dtype):
+        log.debug("fused_moe_ops: the op stays (not benchmarked): policy.should_autotune said no")
+        return None
+    tensors = [named[n] for n in TENSOR_ARGS if named.get(n) is not None]
+    scalars = {n: named.get(n, DEFAULTS[n]) for n in _SCALARS}
+    decomps = [DECOMPOSITIONS["reduction"]] + ([DECOMPOSITIONS["unrolled"]] if topk <= MAX_UNROLLED_TOPK else [])
+    options: Dict[str, Any] = {}
+    if "benchmark_with_cudagraphs" in inspect.signature(autotune_custom_op).parameters:
+        options["benchmark_with_cudagraphs"] = device.type == "cuda"  # timed as it runs: in a CUDA graph
+    _call.rows = rows
+    with _prefer_decomposition(_preference):
+        result, choice = autotune_custom_op(
+            name="moe_shuffle_mul_sum_fused", decompositions=decomps, inputs=tensors,
+            non_tensor_args=[dict(scalars) for _ in decomps], op_overload=_bench_op(),
+            user_input_gen_fns={"permutation": _valid_permutation, "row_mask": _sparse_row_mask}, **options)
+    if getattr(choice, "gm", None) is None:
+        log.debug("fused_moe_ops: the op won the benchmark (m=%s topk=%s k=%s)", m, topk, k)
+        return None
+    log.debug("fused_moe_ops: %s won the benchmark (m=%s topk=%s k=%s): inlined", choice.name, m, topk, k)
+    return result
+
+
+@contextlib.contextmanager
+def _prefer_decomposition(preference: float):
+    """Inside: Inductor's pick among the benchmarked choices takes the fastest decomposition when it
+    is within ``preference`` x the op's time (Inductor's own threshold only ever favours the op)."""
+    from torch._inductor.virtualized import V
+
+    outer = V.choices
+    if preference == 1.0 or not hasattr(outer, "override_best_choice"):
+        yield
+        return
+
+    class _Preferring:
+        """Delegates to the handler in place (Inductor's or the user's); only the pick changes."""
+
+        def __getattr__(self, name):
+            return getattr(outer, name)
+
+        def override_best_choice(self, best_choice, timings):
+            from torch._inductor.select_algorithm import ExternKernelCaller
+
+            ops = [t for c, t in timings.items() if isinstance(c, ExternKernelCaller)]
+            decomps = {c: t for c, t in timings.items() if not isinstance(c, ExternKernelCaller)}
+            if ops and decomps and isinstance(best_choice, ExternKernelCaller):
+                fastest = min(decomps, key=decomps.__getitem__)
+                if decomps[fastest] <= preference * min(ops):
+                    log.debug("fused_moe_ops: %s (%.3g) within %.3g x the op (%.3g): taken", fastest.name,
+                              decomps[fastest], preference, min(ops))
+                    best_choice = fastest
+            return outer.override_best_choice(best_choice, timings)
+
+    with V.set_choices_handler(_Preferring()):
+        yield

@@ -1,0 +1,132 @@
+"""``moe::_shuffle_mul_sum_fused`` written in plain ATen that Inductor compiles: the decompositions
+Inductor's custom-op autotuning benchmarks against the op's own kernel (fusion/autotune.py).
+
+A winning decomposition is inlined as Inductor IR, so it fuses with the combine's neighbours (the
+un-permute before it, the residual add and RMSNorm after it) where the op would be a kernel of its own.
+Each computes exactly the op's semantics (ops.py, FUSED_SCHEMA; fused_moe_ops/reference.py):
+
+* float32 accumulation of ``factor * row``, then ``* scale``, then ``+ addend``, rounded once;
+* ``negative_index`` 0: a negative entry contributes nothing (even where its factor is NaN/inf);
+  1: it reads row ``p + R``; 2: it is an error. Out-of-range entries fail Inductor's bounds check of
+  the indirect load (the index is routed out of range where the op would raise);
+* a ``row_mask``ed row reads as zeros and keeps its factor (``0 * NaN`` is NaN, as eager's
+  ``masked_fill(mask, 0)[idx] * w``);
+* per-row factors ``(R,)`` are read through the (wrapped) permutation; ``factor_round`` rounds each
+  factor to float16/bfloat16 before the product.
+
+Two spellings: ``reduction`` (gather ``(M, topk, K)``, multiply, ``sum(1)``: one reduction over
+``topk``) and ``unrolled`` (``topk`` gathers summed pointwise: no reduction loop, which Inductor
+vectorises along ``K``; only for a static ``topk``). Both are traced by make_fx inside Inductor's
+lowering with the op's tensor arguments positional and the rest (``None`` tensors included) by name.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..ops import FACTOR_ROUND, NEGATIVE_IS_ERROR, SKIP_NEGATIVE, addend_as_rows
+
+TENSOR_ARGS = ("input", "permutation", "factors", "addend", "row_mask")
+DEFAULTS = dict(out_dtype=None, negative_index=0, factor_round=0, scale=1.0, addend=None, row_mask=None)
+_ROUND_TO = {code: dtype for dtype, code in FACTOR_ROUND.items() if dtype is not None}
+
+
+def bind(tensors: Tuple[Tensor, ...], kwargs: dict) -> dict:
+    """The op's arguments by name from Inductor's call: tensors positional in schema order (the ones
+    given as ``None`` or left at their default are missing), everything else by name."""
+    names = [n for n in TENSOR_ARGS if n not in kwargs]
+    args = dict(DEFAULTS, permutation=None)
+    args.update(zip(names, tensors))
+    args.update(kwargs)
+    return args
+
+
+def _slots(input: Tensor, permutation: Optional[Tensor], factors: Tensor, negative_index: int,
+           row_mask: Optional[Tensor]):
+    """(index (M, topk) into input's rows or None for the identity, keep (M, topk) bool or None,
+    masked (M, topk) bool or None, factors (M, topk) before rounding)."""
+    rows = input.shape[0]
+    if factors.dim() == 1:
+        m, topk = permutation.shape
+    else:
+        m, topk = factors.shape
+    keep = None
+    if permutation is None:
+        index = None
+    else:
+        p = permutation.reshape(m, topk)
+        if negative_index == SKIP_NEGATIVE:
+            keep = p >= 0
+            index = torch.where(keep, p, 0)
+        elif negative_index == NEGATIVE_IS_ERROR:
+            # Row R does not exist: the load's bounds check raises, as the op does.
+            index = torch.where(p < 0, rows, p)
+        else:
+            index = torch.where(p < 0, p + rows, p)  # p < -R stays negative: the bounds check raises
+    masked = None
+    if row_mask is not None:
+        masked = row_mask.view(m, topk) if index is None else row_mask[index]
+    if factors.dim() == 1:
+        factors = factors[index]
+    return index, keep, masked, factors, (m, topk)
+
+
+def _finish(total: Tensor, input: Tensor, out_dtype, scale: float, addend: Optional[Tensor]) -> Tensor:
+    m, k = total.shape
+    if scale != 1.0:
+        total = total * scale
+    if addend is not None:
+        total = total + addend_as_rows(addend, m, k).to(torch.float32)
+    return total.to(out_dtype if out_dtype is not None else input.dtype)
+
+
+def _factors32(factors: Tensor, factor_round: int) -> Tensor:
+    if factor_round:
+        factors = factors.to(_ROUND_TO[factor_round])
+    return factors.to(torch.float32)
+
+
+def combine_reduction(*tensors: Tensor, **kwargs) -> Tensor:
+    """Gather (M, topk, K), weight, reduce over topk."""
+    a = bind(tensors, kwargs)
+    x = a["input"]
+    index, keep, masked, factors, (m, topk) = _slots(x, a["permutation"], a["factors"], a["negative_index"],
+                                                     a["row_mask"])
+    k = x.shape[1]
+    rows = x.unflatten(0, (m, topk)) if index is None else x[index.reshape(-1)].view(m, topk, k)
+    rows = rows.to(torch.float32)
+    if masked is not None:
+        rows = torch.where(masked.unsqueeze(-1), 0.0, rows)
+    contrib = rows * _factors32(factors, a["factor_round"]).unsqueeze(-1)
+    if keep is not None:
+        # where after the product: a skipped slot's row or factor may be NaN/inf and must not leak
+        contrib = torch.where(keep.unsqueeze(-1), contrib, 0.0)
+    return _finish(contrib.sum(dim=1), x, a["out_dtype"], a["scale"], a["addend"])
+
+
+def combine_unrolled(*tensors: Tensor, **kwargs) -> Tensor:
+    """``topk`` gathers summed pointwise, in slot order (static topk)."""
+    a = bind(tensors, kwargs)
+    x = a["input"]
+    index, keep, masked, factors, (m, topk) = _slots(x, a["permutation"], a["factors"], a["negative_index"],
+                                                     a["row_mask"])
+    k = x.shape[1]
+    f = _factors32(factors, a["factor_round"])
+    ident = x.unflatten(0, (m, topk)) if index is None else None
+    total = None
+    for j in range(int(topk)):
+        row = (ident[:, j] if index is None else x[index[:, j]]).to(torch.float32)
+        if masked is not None:
+            row = torch.where(masked[:, j:j + 1], 0.0, row)
+        term = row * f[:, j:j + 1]
+        if keep is not None:
+            term = torch.where(keep[:, j:j + 1], term, 0.0)
+        total = term if total is None else total + term
+    if total is None:  # topk == 0
+        total = x.new_zeros((m, k), dtype=torch.float32)
+    return _finish(total, x, a["out_dtype"], a["scale"], a["addend"])
+
+
+DECOMPOSITIONS = {"reduction": combine_reduction, "unrolled": combine_unrolled}
