@@ -14,7 +14,8 @@ Two levels:
   decompositions and functionalization, Inductor's joint-graph and post-grad passes, the pass
   among them), then run as Python with and without the pass: cheap, the bulk of the programs.
   Dynamic programs are traced symbolically and run at a second token count too.
-* end-to-end: torch.compile with and without the pass (a share of the programs: seconds each).
+* end-to-end: torch.compile with and without the pass (a share of the programs: seconds each),
+  every other one with Inductor's choice forced to the pass's decomposition of the op.
 
 Checks: dtype, shape, NaN / inf positions, values within the dtype's tolerance, whether and what
 type of error is raised, and the inputs afterwards (mutated as eager mutates them, or unchanged).
@@ -394,18 +395,28 @@ def check_graph_level(p: Program, data_seed: int) -> Tuple[List[Finding], bool]:
     return findings, fired
 
 
-def check_end_to_end(p: Program, data_seed: int) -> Tuple[List[Finding], bool]:
+def check_end_to_end(p: Program, data_seed: int, force_decomposition: bool = False) -> Tuple[List[Finding], bool]:
+    """torch.compile with and without the pass. With it, Inductor chooses between the op and its own
+    decomposition of it (fusion/autotune.py); ``force_decomposition`` makes it take the decomposition
+    wherever it benchmarks, so that both choices are held to eager."""
+    import torch._inductor.config as inductor_config
+
     fn = p.fn()
     args = p.make_args(p.m, data_seed)
     eager = run(fn, args)
     outcomes = {}
     fired = False
-    for on in (False, True):
-        torch._dynamo.reset()
-        before = fused_moe_ops.fusion_stats()["rewrites"]
-        with _fusion(on):
-            outcomes[on] = run(torch.compile(fn, dynamic=p.dynamic), args)
-        fired = fired or (on and fused_moe_ops.fusion_stats()["rewrites"] > before)
+    autotune_was = fused_moe_ops.fusion.set_autotune(True)
+    try:
+        for on in (False, True):
+            torch._dynamo.reset()
+            before = fused_moe_ops.fusion_stats()["rewrites"]
+            forced = {"test_configs.force_custom_op_decomposition": True} if on and force_decomposition else {}
+            with _fusion(on), inductor_config.patch(forced):
+                outcomes[on] = run(torch.compile(fn, dynamic=p.dynamic), args)
+            fired = fired or (on and fused_moe_ops.fusion_stats()["rewrites"] > before)
+    finally:
+        fused_moe_ops.fusion.set_autotune(autotune_was)
     torch._dynamo.reset()
     # Without the pass, Inductor's own differences from eager are not ours: they only decide the
     # expected error type and stand in where Inductor accepts what eager refuses (see compare).
@@ -440,7 +451,7 @@ def fuzz(seed: int, n_graph: int, n_e2e: int, log: Callable[[str], None] = lambd
             s.claimed += p.claimed
             s.fired += fired
             if i < n_e2e:
-                more, _ = check_end_to_end(p, seed * 100003 + i)
+                more, _ = check_end_to_end(p, seed * 100003 + i, force_decomposition=i % 2 == 1)
                 found += more
                 s.e2e += 1
             for f in found:

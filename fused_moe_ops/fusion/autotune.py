@@ -245,6 +245,7 @@ def _lowering(*args: Any, **kwargs: Any):
     """Inductor's lowering of the op: where Inductor can choose, the op's kernel and the
     decompositions are benchmarked on the combine's sizes (autotune_custom_op); a winning
     decomposition comes back inlined as IR. Else (and where the op wins) None: the op's own lowering."""
+    import torch._inductor.config as inductor_config
     from torch._inductor.kernel.custom_op import autotune_custom_op
 
     named = _named(args, kwargs)
@@ -264,7 +265,11 @@ def _lowering(*args: Any, **kwargs: Any):
     if "benchmark_with_cudagraphs" in inspect.signature(autotune_custom_op).parameters:
         options["benchmark_with_cudagraphs"] = device.type == "cuda"  # timed as it runs: in a CUDA graph
     _call.rows = rows
-    with _prefer_decomposition(_preference):
+    # Inductor writes a JSON line per benchmark to stderr ("Autotune Choices Stats"), which every user
+    # of torch.compile would see for each combine: quiet unless asked for through its own variable.
+    quiet = ({} if "TORCHINDUCTOR_MAX_AUTOTUNE_REPORT_CHOICES_STATS" in os.environ
+             else {"max_autotune_report_choices_stats": False})
+    with _prefer_decomposition(_preference), inductor_config.patch(quiet):
         result, choice = autotune_custom_op(
             name="moe_shuffle_mul_sum_fused", decompositions=decomps, inputs=tensors,
             non_tensor_args=[dict(scalars) for _ in decomps], op_overload=_bench_op(),
