@@ -90,12 +90,27 @@ def einsum(x, idx, w):
     return torch.einsum("mkh,mk->mh", x[idx].view(m, TOPK, k), w)
 
 
+def bmm_cast(x, idx, w):  # the rows upcast for the bmm, its result cast back before the squeeze
+    m, k = w.shape[0], x.shape[1]
+    return torch.bmm(w.reshape(-1, 1, TOPK).float(), x[idx].view(m, TOPK, k).float()).to(x.dtype).squeeze(1)
+
+
+def bmm_squeeze_cast(x, idx, w):  # the same, cast after the squeeze
+    m, k = w.shape[0], x.shape[1]
+    return torch.bmm(w.unsqueeze(1).float(), x[idx].view(m, TOPK, k).float()).squeeze(1).to(x.dtype)
+
+
+def einsum_per_token(expert_outs, w):  # SGLang's torch-native MoE and gpt-fast's Mixtral: no gather
+    return torch.einsum("tai,ta -> ti", expert_outs, w)
+
+
 @dataclass(frozen=True)
 class Spelling:
     name: str
     fn: Callable
     pattern: str                 # the fusion expected to fire (key of fusion_stats()["by_pattern"])
     kind: str = "gather"         # gather | sorted (weights per row of y) | identity (no gather)
+                                 # | per_token (no gather: expert outputs (m, topk, k))
     weights: str = "x"           # dtype of the weights: "x" (same as x) or "f32"
     negative_ok: bool = True     # eager accepts negative indices (x[idx] does, index_select does not)
     index_dtype: torch.dtype = torch.int64
@@ -118,6 +133,9 @@ REWRITTEN: List[Spelling] = [
     Spelling("no_gather", no_gather, "weighted_rows_sum", kind="identity"),
     Spelling("bmm", bmm, "bmm_combine"),
     Spelling("einsum", einsum, "bmm_combine"),
+    Spelling("bmm_cast", bmm_cast, "bmm_combine"),
+    Spelling("bmm_squeeze_cast", bmm_squeeze_cast, "bmm_combine", weights="f32"),
+    Spelling("einsum_per_token", einsum_per_token, "bmm_combine", kind="per_token"),
 ]
 BY_NAME: Dict[str, Spelling] = {s.name: s for s in REWRITTEN}
 
@@ -146,6 +164,8 @@ def make_inputs(sp: Spelling, m: int, dtype: torch.dtype, device: str = "cpu", s
 
     if sp.kind == "identity":
         return (randn(m * TOPK, K), (torch.rand(m, TOPK, generator=gen) + 0.1).to(wdtype).to(device))
+    if sp.kind == "per_token":
+        return (randn(m, TOPK, K), (torch.rand(m, TOPK, generator=gen) + 0.1).to(wdtype).to(device))
     idx = make_index(m * TOPK, rows, negative=sp.negative_ok, dtype=sp.index_dtype, gen=gen).to(device)
     if sp.kind == "sorted":
         return (randn(rows, K), idx, (torch.rand(rows, generator=gen) + 0.1).to(wdtype).to(device))
@@ -159,6 +179,10 @@ def reference64(sp: Spelling, args) -> torch.Tensor:
     if sp.kind == "identity":
         y, w = args
         return shuffle_mul_sum_reference(y, None, w, torch.float32, acc_dtype=torch.float64).double()
+    if sp.kind == "per_token":
+        eo, w = args
+        return shuffle_mul_sum_reference(eo.reshape(-1, eo.shape[-1]), None, w, torch.float32,
+                                         acc_dtype=torch.float64).double()
     x, idx, w = args
     wrapped = torch.where(idx < 0, idx + x.shape[0], idx).long()
     factors = w[wrapped].view(-1, TOPK) if sp.kind == "sorted" else w

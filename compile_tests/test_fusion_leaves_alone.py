@@ -77,6 +77,27 @@ def rows_scaled_pointwise(x, idx, w):  # one pointwise op producing the rows is 
     return ((x * 0.5)[idx].view(m, TOPK, k) * w.unsqueeze(-1)).sum(dim=1)
 
 
+def bmm_cast_to_int(x, idx, w):  # the bmm's result cast to an integer type: not a result the op makes
+    m, k = w.shape[0], x.shape[1]
+    return torch.bmm(w.unsqueeze(1).float(), x[idx].view(m, TOPK, k).float()).to(torch.int32).squeeze(1)
+
+
+def einsum_per_token_transposed(eo, w):  # the result is (k, m): the sum's output permuted
+    return torch.einsum("tai,ta -> it", eo, w)
+
+
+def einsum_per_token_broadcast_rows(y, w):  # one row per token broadcast over the slots (an expand)
+    return torch.einsum("tai,ta -> ti", y[:, :1].expand(-1, TOPK, -1), w)
+
+
+def einsum_per_token_pointwise_rows(eo, w):  # rows computed by a pointwise op Inductor fuses into its sum
+    return torch.einsum("tai,ta -> ti", torch.relu(eo), w)
+
+
+def einsum_per_token_sum_over_k(eo, w):  # contracts the hidden dimension, not the slots
+    return torch.einsum("tai,ta -> ta", eo, w)
+
+
 class Case(NamedTuple):
     fn: Callable
     x_cols: int = K
@@ -84,6 +105,7 @@ class Case(NamedTuple):
     weights: str = "mt"          # mt: (m, topk) | mtk: (m, topk, k)
     int_input: bool = False
     seen: bool = True            # the pattern matches and the analysis says no (logged at DEBUG)
+    per_token: bool = False      # inputs (expert outputs (m, topk, k), weights), no index
 
 
 CASES = {
@@ -98,6 +120,11 @@ CASES = {
     "length_mismatch": Case(length_mismatch, x_cols=K // 2, index_len=2 * TOPK),
     "rows_from_pointwise_chain": Case(rows_from_pointwise_chain),
     "rows_scaled_pointwise": Case(rows_scaled_pointwise),
+    "bmm_cast_to_int": Case(bmm_cast_to_int),
+    "einsum_per_token_transposed": Case(einsum_per_token_transposed, per_token=True),
+    "einsum_per_token_broadcast_rows": Case(einsum_per_token_broadcast_rows, per_token=True),
+    "einsum_per_token_pointwise_rows": Case(einsum_per_token_pointwise_rows, per_token=True),
+    "einsum_per_token_sum_over_k": Case(einsum_per_token_sum_over_k, per_token=True, seen=False),
 }
 
 
@@ -108,6 +135,8 @@ def _inputs(case: Case, dtype, m=M):
         x = torch.randint(-8, 8, (rows, case.x_cols), generator=gen, dtype=torch.int32)
     else:
         x = torch.randn(rows, case.x_cols, generator=gen).to(dtype)
+    if case.per_token:
+        return x[: m * TOPK].reshape(m, TOPK, case.x_cols), (torch.rand(m, TOPK, generator=gen) + 0.1).to(dtype)
     idx = make_index(m * case.index_len, rows, negative=True, gen=gen)
     shape = (m, TOPK) if case.weights == "mt" else (m, TOPK, K)
     w = (torch.rand(*shape, generator=gen) + 0.1).to(dtype)
