@@ -90,15 +90,84 @@ def einsum(x, idx, w):
     return torch.einsum("mkh,mk->mh", x[idx].view(m, TOPK, k), w)
 
 
+def bmm_cast(x, idx, w):  # the rows upcast for the bmm, its result cast back before the squeeze
+    m, k = w.shape[0], x.shape[1]
+    return torch.bmm(w.reshape(-1, 1, TOPK).float(), x[idx].view(m, TOPK, k).float()).to(x.dtype).squeeze(1)
+
+
+def bmm_squeeze_cast(x, idx, w):  # the same, cast after the squeeze
+    m, k = w.shape[0], x.shape[1]
+    return torch.bmm(w.unsqueeze(1).float(), x[idx].view(m, TOPK, k).float()).squeeze(1).to(x.dtype)
+
+
+def einsum_per_token(expert_outs, w):  # SGLang's torch-native MoE and gpt-fast's Mixtral: no gather
+    return torch.einsum("tai,ta -> ti", expert_outs, w)
+
+
+# ---- the scatter-add family: the routing is in the graph (top-k of the router's scores, then a sort of
+# the experts), the rows arrive in expert order and are scattered back to their tokens. Stable sorts:
+# the rows are graph inputs here, so which row belongs to which token must not depend on how ties
+# between equal expert ids are broken.
+
+
+def route(logits):
+    """The router: weights and expert ids (m, topk) from the scores (m, experts) (sigmoid scores, as
+    DeepSeek-V3 routes; no reduction, so that the generated-code check sees the combine's alone)."""
+    return torch.topk(logits.sigmoid(), TOPK, dim=-1)
+
+
+def scatter_add_float_div(y, logits):  # torchao's MoE quantization modules
+    w, expert_ids = route(logits)
+    m, k = expert_ids.shape[0], y.shape[1]
+    perm = expert_ids.view(-1).argsort(stable=True)
+    tok = perm.div(TOPK).floor().to(torch.int32)
+    scores = w.view(-1, 1)[perm]
+    out = torch.zeros(m, k, dtype=y.dtype, device=y.device)
+    return out.scatter_add(dim=0, index=tok.unsqueeze(-1).expand(-1, k).to(torch.int64), src=scores * y)
+
+
+def scatter_add_floordiv(y, logits):
+    w, expert_ids = route(logits)
+    m, k = expert_ids.shape[0], y.shape[1]
+    perm = torch.argsort(expert_ids.view(-1), stable=True)
+    tok = perm // TOPK
+    out = torch.zeros(m, k, dtype=y.dtype, device=y.device)
+    return out.scatter_add_(0, tok.view(-1, 1).expand(-1, k), y * w.view(-1)[perm].unsqueeze(-1))
+
+
+def index_add_trunc(y, logits):  # JetMoE's router and combine
+    w, expert_ids = route(logits)
+    m, k = expert_ids.shape[0], y.shape[1]
+    _, perm = expert_ids.flatten().sort(dim=0, stable=True)
+    tok = perm.div(TOPK, rounding_mode="trunc")
+    gates = w.flatten()[perm]
+    zeros = torch.zeros((m, k), dtype=y.dtype, device=y.device)
+    return zeros.index_add(0, tok, y * gates[:, None])
+
+
+def index_put_accumulate(y, logits):
+    w, expert_ids = route(logits)
+    m, k = expert_ids.shape[0], y.shape[1]
+    perm = expert_ids.view(-1).sort(stable=True).indices
+    tok = perm.div(TOPK, rounding_mode="floor")
+    out = torch.zeros(m, k, dtype=y.dtype, device=y.device)
+    return out.index_put_((tok,), y * w.view(-1)[perm].view(-1, 1), accumulate=True)
+
+
 @dataclass(frozen=True)
 class Spelling:
     name: str
     fn: Callable
     pattern: str                 # the fusion expected to fire (key of fusion_stats()["by_pattern"])
     kind: str = "gather"         # gather | sorted (weights per row of y) | identity (no gather)
+                                 # | per_token (no gather: expert outputs (m, topk, k))
+                                 # | scatter (rows in expert order, router scores (m, experts))
     weights: str = "x"           # dtype of the weights: "x" (same as x) or "f32"
     negative_ok: bool = True     # eager accepts negative indices (x[idx] does, index_select does not)
     index_dtype: torch.dtype = torch.int64
+    dynamic_ok: bool = True      # rewritten with a symbolic token count too
+    generated: int = 0           # kernels Inductor still generates beside the op (scatter: the routing's
+                                 # sigmoid, and the inverse permutation the weights' gather fuses into)
 
     def __repr__(self) -> str:
         return self.name
@@ -118,6 +187,14 @@ REWRITTEN: List[Spelling] = [
     Spelling("no_gather", no_gather, "weighted_rows_sum", kind="identity"),
     Spelling("bmm", bmm, "bmm_combine"),
     Spelling("einsum", einsum, "bmm_combine"),
+    Spelling("bmm_cast", bmm_cast, "bmm_combine"),
+    Spelling("bmm_squeeze_cast", bmm_squeeze_cast, "bmm_combine", weights="f32"),
+    Spelling("einsum_per_token", einsum_per_token, "bmm_combine", kind="per_token"),
+    # float32 division: exact only for a known row count (docs/FUSION.md)
+    Spelling("scatter_add_float_div", scatter_add_float_div, "scatter_add_combine", kind="scatter", generated=2, dynamic_ok=False),
+    Spelling("scatter_add_floordiv", scatter_add_floordiv, "scatter_add_combine", kind="scatter", generated=2),
+    Spelling("index_add_trunc", index_add_trunc, "scatter_add_combine", kind="scatter", generated=2),
+    Spelling("index_put_accumulate", index_put_accumulate, "scatter_add_combine", kind="scatter", generated=2),
 ]
 BY_NAME: Dict[str, Spelling] = {s.name: s for s in REWRITTEN}
 
@@ -166,6 +243,10 @@ def make_inputs(sp: Spelling, m: int, dtype: torch.dtype, device: str = "cpu", s
 
     if sp.kind == "identity":
         return (randn(m * TOPK, K), (torch.rand(m, TOPK, generator=gen) + 0.1).to(wdtype).to(device))
+    if sp.kind == "per_token":
+        return (randn(m, TOPK, K), (torch.rand(m, TOPK, generator=gen) + 0.1).to(wdtype).to(device))
+    if sp.kind == "scatter":  # 4 experts for m * topk pairs: ties, uneven loads
+        return (randn(m * TOPK, K), randn(m, 4))
     idx = make_index(m * TOPK, rows, negative=sp.negative_ok, dtype=sp.index_dtype, gen=gen).to(device)
     if sp.kind == "sorted":
         return (randn(rows, K), idx, (torch.rand(rows, generator=gen) + 0.1).to(wdtype).to(device))
@@ -179,6 +260,17 @@ def reference64(sp: Spelling, args) -> torch.Tensor:
     if sp.kind == "identity":
         y, w = args
         return shuffle_mul_sum_reference(y, None, w, torch.float32, acc_dtype=torch.float64).double()
+    if sp.kind == "per_token":
+        eo, w = args
+        return shuffle_mul_sum_reference(eo.reshape(-1, eo.shape[-1]), None, w, torch.float32,
+                                         acc_dtype=torch.float64).double()
+    if sp.kind == "scatter":  # row r belongs to pair perm[r]: slot (t, j) reads row inverse[t*topk + j]
+        y, logits = args
+        w, ids = route(logits.cpu())  # eager's routing (the combine is what is compared)
+        perm = ids.reshape(-1).argsort(stable=True)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel())
+        return shuffle_mul_sum_reference(y.cpu(), inverse, w.cpu(), torch.float32, acc_dtype=torch.float64).double()
     x, idx, w = args
     wrapped = torch.where(idx < 0, idx + x.shape[0], idx).long()
     factors = w[wrapped].view(-1, TOPK) if sp.kind == "sorted" else w

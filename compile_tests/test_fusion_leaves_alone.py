@@ -10,7 +10,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import fused_moe_ops
-from fusion_cases import DTYPES, K, TOPK, assert_not_fused, fusion_log, make_index
+from fusion_cases import DTYPES, K, TOPK, assert_not_fused, fusion_log, make_index, route
 
 M = 5
 
@@ -77,6 +77,80 @@ def rows_scaled_pointwise(x, idx, w):  # one pointwise op producing the rows is 
     return ((x * 0.5)[idx].view(m, TOPK, k) * w.unsqueeze(-1)).sum(dim=1)
 
 
+def bmm_cast_to_int(x, idx, w):  # the bmm's result cast to an integer type: not a result the op makes
+    m, k = w.shape[0], x.shape[1]
+    return torch.bmm(w.unsqueeze(1).float(), x[idx].view(m, TOPK, k).float()).to(torch.int32).squeeze(1)
+
+
+def einsum_per_token_transposed(eo, w):  # the result is (k, m): the sum's output permuted
+    return torch.einsum("tai,ta -> it", eo, w)
+
+
+def einsum_per_token_broadcast_rows(y, w):  # one row per token broadcast over the slots (an expand)
+    return torch.einsum("tai,ta -> ti", y[:, :1].expand(-1, TOPK, -1), w)
+
+
+def einsum_per_token_pointwise_rows(eo, w):  # rows computed by a pointwise op Inductor fuses into its sum
+    return torch.einsum("tai,ta -> ti", torch.relu(eo), w)
+
+
+def einsum_per_token_sum_over_k(eo, w):  # contracts the hidden dimension, not the slots
+    return torch.einsum("tai,ta -> ta", eo, w)
+
+
+# ---- the scatter-add family: (y rows in expert order, router scores)
+
+
+def _sorted(logits):
+    w, ids = route(logits)
+    perm = ids.view(-1).argsort(stable=True)
+    return w, ids, perm
+
+
+def index_add_index_not_from_a_sort(y, logits):  # the expert ids themselves as token numbers
+    w, ids = route(logits)
+    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return zeros.index_add(0, ids.view(-1), y * w.view(-1, 1))
+
+
+def index_add_into_ones(y, logits):  # the destination is not zeros
+    w, ids, perm = _sorted(logits)
+    ones = torch.ones(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return ones.index_add(0, perm // TOPK, y * w.view(-1)[perm, None])
+
+
+def index_add_alpha(y, logits):
+    w, ids, perm = _sorted(logits)
+    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return zeros.index_add(0, perm // TOPK, y * w.view(-1)[perm, None], alpha=2)
+
+
+def scatter_add_other_divisor(y, logits):  # perm // 3 with topk 2: not one token per topk rows
+    w, ids, perm = _sorted(logits)
+    tok = perm // (TOPK + 1)
+    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return zeros.scatter_add(0, tok[:, None].expand(-1, y.shape[1]), y * w.view(-1)[perm, None])
+
+
+def scatter_add_narrow_index(y, logits):  # the index covers half the columns: the rest stays zero
+    w, ids, perm = _sorted(logits)
+    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return zeros.scatter_add(0, (perm // TOPK)[:, None].expand(-1, y.shape[1] // 2), y * w.view(-1)[perm, None])
+
+
+def scatter_add_per_token_sort(y, logits):  # each token's slots sorted: values in [0, topk), not a permutation
+    w, ids = route(logits)
+    perm = ids.sort(dim=1).indices.reshape(-1)
+    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return zeros.index_add(0, perm // TOPK, y * w.view(-1, 1))
+
+
+def index_put_unweighted(y, logits):  # no weighting multiply
+    w, ids, perm = _sorted(logits)
+    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return zeros.index_put((perm // TOPK,), y, accumulate=True)
+
+
 class Case(NamedTuple):
     fn: Callable
     x_cols: int = K
@@ -84,6 +158,8 @@ class Case(NamedTuple):
     weights: str = "mt"          # mt: (m, topk) | mtk: (m, topk, k)
     int_input: bool = False
     seen: bool = True            # the pattern matches and the analysis says no (logged at DEBUG)
+    per_token: bool = False      # inputs (expert outputs (m, topk, k), weights), no index
+    scatter: bool = False        # inputs (rows in expert order (m * topk, k), router scores (m, 4))
 
 
 CASES = {
@@ -98,6 +174,18 @@ CASES = {
     "length_mismatch": Case(length_mismatch, x_cols=K // 2, index_len=2 * TOPK),
     "rows_from_pointwise_chain": Case(rows_from_pointwise_chain),
     "rows_scaled_pointwise": Case(rows_scaled_pointwise),
+    "bmm_cast_to_int": Case(bmm_cast_to_int),
+    "einsum_per_token_transposed": Case(einsum_per_token_transposed, per_token=True),
+    "einsum_per_token_broadcast_rows": Case(einsum_per_token_broadcast_rows, per_token=True),
+    "einsum_per_token_pointwise_rows": Case(einsum_per_token_pointwise_rows, per_token=True),
+    "einsum_per_token_sum_over_k": Case(einsum_per_token_sum_over_k, per_token=True, seen=False),
+    "index_add_index_not_from_a_sort": Case(index_add_index_not_from_a_sort, scatter=True),
+    "index_add_into_ones": Case(index_add_into_ones, scatter=True),
+    "index_add_alpha": Case(index_add_alpha, scatter=True, seen=False),  # alpha: a pattern of its own arity
+    "scatter_add_other_divisor": Case(scatter_add_other_divisor, scatter=True),
+    "scatter_add_narrow_index": Case(scatter_add_narrow_index, scatter=True),
+    "scatter_add_per_token_sort": Case(scatter_add_per_token_sort, scatter=True),
+    "index_put_unweighted": Case(index_put_unweighted, scatter=True),
 }
 
 
@@ -108,6 +196,10 @@ def _inputs(case: Case, dtype, m=M):
         x = torch.randint(-8, 8, (rows, case.x_cols), generator=gen, dtype=torch.int32)
     else:
         x = torch.randn(rows, case.x_cols, generator=gen).to(dtype)
+    if case.scatter:
+        return x[: m * TOPK], torch.randn(m, 4, generator=gen).to(dtype)
+    if case.per_token:
+        return x[: m * TOPK].reshape(m, TOPK, case.x_cols), (torch.rand(m, TOPK, generator=gen) + 0.1).to(dtype)
     idx = make_index(m * case.index_len, rows, negative=True, gen=gen)
     shape = (m, TOPK) if case.weights == "mt" else (m, TOPK, K)
     w = (torch.rand(*shape, generator=gen) + 0.1).to(dtype)

@@ -41,6 +41,8 @@ def FUSED_COMBINE(
     """The op call every replacement emits (``moe._shuffle_mul_sum_fused``); epilogue.py later folds
     a consumer into its scale and addend."""
     od = None if out_dtype == x.dtype else out_dtype
+    if x.dim() != 2:  # rows found in another shape (check_flat_rows): the op reads them as (R, k)
+        x = x.reshape(-1, x.shape[-1])
     if row_mask is None:
         return _OP(x, permutation, factors, od, negative_index, FACTOR_ROUND[rounding])
     return _OP(x, permutation, factors, od, negative_index, FACTOR_ROUND[rounding], 1.0, None, row_mask.reshape(-1))

@@ -101,18 +101,31 @@ def is_identity_permute(node: Node) -> bool:
     return node.target is aten.permute.default and list(node.args[1]) == list(range(len(node.args[1])))
 
 
+def moves_only_unit_dims(node: Node) -> bool:
+    """A permute that keeps the row-major order of the elements: the dimensions it moves past each other
+    are (statically) of size 1, e.g. (m, topk, 1, k).permute(0, 1, 3, 2) in an einsum's lowering."""
+    if node.target is not aten.permute.default:
+        return False
+    src = val(node.args[0])
+    if not isinstance(src, torch.Tensor):
+        return False
+    perm = [p % src.dim() for p in node.args[1]] if src.dim() else []
+    kept = [p for p in perm if not same(src.shape[p], 1)]
+    return kept == sorted(kept)
+
+
 def lossless_to_fp32(src: torch.dtype, dst: torch.dtype) -> bool:
     """Converting src -> dst is exact and the op's float32 accumulation makes it redundant."""
     return src in FLOAT_DTYPES and (dst == src or dst == torch.float32)
 
 
 def peel_rows(node: Node) -> Tuple[Node, List[Node]]:
-    """Walk up from a rows-like tensor through order-preserving views, identity permutes and lossless
-    upcasts to float32. Returns (base, chain) where chain is the list of nodes walked over (nearest first).
+    """Walk up from a rows-like tensor through order-preserving views, permutes that only move unit
+    dimensions and lossless upcasts to float32. Returns (base, chain) where chain is the list of nodes walked over (nearest first).
     """
     chain: List[Node] = []
     while isinstance(node, Node) and node.op == "call_function":
-        if node.target in ORDER_PRESERVING or is_identity_permute(node):
+        if node.target in ORDER_PRESERVING or moves_only_unit_dims(node):
             pass
         elif node.target is CONVERT:
             src = val(node.args[0])
@@ -266,6 +279,30 @@ def check_float_rows(rows: Node, nrows: Optional[Any], k: Any) -> torch.Tensor:
     require(same(v.shape[1], k), "input row length != k")
     if nrows is not None:
         require(same(v.shape[0], nrows), "input rows != m * topk")
+    return v
+
+
+# Views that reorder or repeat elements: rows reached through one would be copied out for the op.
+_REORDERING_VIEWS = (aten.expand.default, aten.permute.default, aten.transpose.int, aten.t.default,
+                     aten.slice.Tensor, aten.select.int, aten.as_strided.default)
+
+
+def check_flat_rows(rows: Node, nrows: Any, k: Any) -> torch.Tensor:
+    """Float rows of any dimension whose elements in row-major order are (nrows, k) rows: last dimension
+    k, the others multiplying to nrows (the op reads them as ``rows.reshape(-1, k)``, a view of a
+    computed tensor such as a bmm's (m*topk, 1, k) result; rows that are an expand or a permute would
+    need a copy first, so those are refused)."""
+    v = tensor_val(rows)
+    if v.dim() == 2:
+        return check_float_rows(rows, nrows, k)
+    require(not (isinstance(rows, Node) and rows.op == "call_function" and rows.target in _REORDERING_VIEWS),
+            f"{v.dim()}-D input is a {getattr(rows.target, '__name__', rows.target)} view")
+    require(v.dtype in FLOAT_DTYPES, f"input dtype {v.dtype}")
+    require(v.dim() >= 1 and same(v.shape[-1], k), "input row length != k")
+    lead = 1
+    for size in v.shape[:-1]:
+        lead = lead * size
+    require(same(lead, nrows), "input rows != m * topk")
     return v
 
 

@@ -37,6 +37,7 @@ from ._match import (
     absorbable_downcast,
     aten,
     as_gather,
+    check_flat_rows,
     check_float_rows,
     check_index,
     check_reduce_dim1,
@@ -65,7 +66,7 @@ def analyze_rows(node: Node, m: Any, topk: Any, k: Any) -> Tuple[Node, Optional[
     require(all(single_user(n) for n in walked), "an intermediate has another user")
     gather = as_gather(base)
     if gather is None:
-        check_float_rows(base, m * topk, k)
+        check_flat_rows(base, m * topk, k)  # e.g. a bmm's (m*topk, 1, k) result: read as (m*topk, k)
         return base, None, walked, True
     require(single_user(base), "the gathered rows have another user")
     src, index, wraps = gather
