@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import fused_moe_ops
-from fused_moe_ops import _build, _registry
+from fused_moe_ops import _registry, build as _build
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_cpu_kernel_is_the_native_one():
 
 CUDA_PROBE = """
     import json, torch, fused_moe_ops
-    from fused_moe_ops import _build, _registry
+    from fused_moe_ops import _registry, build as _build
     r = _build.RESULTS["cuda"]
     print(json.dumps({"ok": r.ok, "error": r.error, "skipped": r.skipped, "library": r.library,
                       "active": _registry.ACTIVE.get("cuda"),
@@ -119,7 +119,7 @@ def test_cuda_not_built_on_import_without_gpu():
 LOAD_PROBE = """
     import json, sys
     import fused_moe_ops
-    from fused_moe_ops import _build
+    from fused_moe_ops import build as _build
     r = _build.RESULTS["cpu"]
     print(json.dumps({"ok": r.ok, "built_now": r.built_now, "origin": r.origin, "library": r.library,
                       "build_dir": r.build_dir, "package": fused_moe_ops.__file__,
@@ -190,7 +190,7 @@ def test_build_dir_changes_when_sources_change(tmp_path):
 RANK = """
     import sys, time
     from pathlib import Path
-    from fused_moe_ops import _build
+    from fused_moe_ops import build as _build
     build_dir, rank, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     (build_dir.parent / f"ready.{rank}").touch()
     while len(list(build_dir.parent.glob("ready.*"))) < n:  # start together, like the ranks of a job

@@ -132,7 +132,7 @@ SMOKE = r"""
 import json, os, sys
 import torch
 import fused_moe_ops
-from fused_moe_ops import _build
+from fused_moe_ops import build as _build
 
 def combine64(x, perm, w):
     m, topk = w.shape
@@ -188,7 +188,7 @@ c_map = torch.randperm(m * topk, generator=g)
 w = torch.rand(m, topk, generator=g)
 out = torch.compile(combine, fullgraph=True)(c2, c_map, w, m, topk, k)
 ok = torch.allclose(out, combine(c2, c_map, w, m, topk, k), rtol=1e-5, atol=1e-5)
-r = fused_moe_ops._build.RESULTS["cpu"]
+r = fused_moe_ops.build.RESULTS["cpu"]
 print(json.dumps({"stats": fused_moe_ops.fusion_stats(), "close": bool(ok), "origin": r.origin,
                   "built_now": r.built_now}))
 """
@@ -217,7 +217,7 @@ def test_cuda_library_in_the_wheel_loads_without_a_toolkit(clean):
     assert Path(cuda["library"]).parent == package
     assert info["active"]["cuda"] == "cuda"
     assert list(cache.iterdir()) == []
-    targets = _run(clean, ["-c", "import sys; from fused_moe_ops import _build; "
+    targets = _run(clean, ["-c", "import sys; from fused_moe_ops import build as _build; "
                                  f"print(_build.fatbin_targets({cuda['library']!r}))"]).stdout.strip()
     assert targets == "['sm_80', 'sm_90', 'compute_90']"
 
