@@ -60,6 +60,23 @@ inline void shim_check(AOTITorchError err, const char* what) {
   if (err != AOTI_TORCH_SUCCESS) fail("moe::shuffle_mul_sum: ", what, " failed");
 }
 
+// A tensor's dtype. Tensor::scalar_type() maps the shim's code through a chain of shim calls (tens of
+// ns each time); the codes of the dtypes a call meets are read once here, the rest falls back to it.
+inline ScalarType dtype_of(const Tensor& t) {
+  static const int32_t f32 = aoti_torch_dtype_float32(), f16 = aoti_torch_dtype_float16(),
+                       bf16 = aoti_torch_dtype_bfloat16(), i32 = aoti_torch_dtype_int32(),
+                       i64 = aoti_torch_dtype_int64(), b8 = aoti_torch_dtype_bool();
+  int32_t code = 0;
+  shim_check(aoti_torch_get_dtype(t.get(), &code), "aoti_torch_get_dtype");
+  if (code == f32) return ScalarType::Float;
+  if (code == bf16) return ScalarType::BFloat16;
+  if (code == f16) return ScalarType::Half;
+  if (code == i64) return ScalarType::Long;
+  if (code == i32) return ScalarType::Int;
+  if (code == b8) return ScalarType::Bool;
+  return t.scalar_type();
+}
+
 inline bool is_supported_float(ScalarType t) {
   return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
 }
@@ -153,13 +170,13 @@ struct CombineShape {
 inline void check_input(const Tensor& input) {
   FMO_CHECK(input.dim() == 2, FMO_PREFIX "input must be a 2-D tensor (R, K), got ", input.dim(), "-D with shape ",
             shape_str(input));
-  FMO_CHECK(is_supported_float(input.scalar_type()),
-            FMO_PREFIX "input must have dtype float32, float16, bfloat16, got ", dtype_str(input.scalar_type()));
+  FMO_CHECK(is_supported_float(dtype_of(input)),
+            FMO_PREFIX "input must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(input)));
 }
 
 inline void check_factors_type(const Tensor& input, const Tensor& factors) {
-  FMO_CHECK(is_supported_float(factors.scalar_type()),
-            FMO_PREFIX "factors must have dtype float32, float16, bfloat16, got ", dtype_str(factors.scalar_type()));
+  FMO_CHECK(is_supported_float(dtype_of(factors)),
+            FMO_PREFIX "factors must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(factors)));
   const Place pi = place_of(input), pf = place_of(factors);
   FMO_CHECK(pf == pi, FMO_PREFIX "factors must be on the same device as input (", place_str(pi), "), got ",
             place_str(pf));
@@ -174,8 +191,8 @@ inline void check_rest(const Tensor& input, const std::optional<Tensor>& permuta
               "*", s.topk, " = ", s.m * s.topk, ", got input.shape[0] = ", s.rows);
   } else {
     const Tensor& p = *permutation;
-    FMO_CHECK(p.scalar_type() == ScalarType::Int || p.scalar_type() == ScalarType::Long,
-              FMO_PREFIX "permutation must have dtype int32 or int64, got ", dtype_str(p.scalar_type()));
+    FMO_CHECK(dtype_of(p) == ScalarType::Int || dtype_of(p) == ScalarType::Long,
+              FMO_PREFIX "permutation must have dtype int32 or int64, got ", dtype_str(dtype_of(p)));
     const int64_t dim = perm_flat ? 1 : p.dim();
     FMO_CHECK(dim == 1, FMO_PREFIX "permutation must be a 1-D tensor (M*topk,), got ", dim, "-D with shape ",
               shape_str(p));
@@ -308,17 +325,17 @@ inline CombineShape check_fused_args(const Tensor& input, const std::optional<Te
     const Tensor& a = *o.addend;
     FMO_CHECK(addend_fits(a, s.m, s.k), FMO_PREFIX "addend must broadcast to (M, K) = (", s.m, ", ", s.k,
               ") or, with more than 2 dimensions, hold M*K elements with last dimension K, got ", shape_str(a));
-    FMO_CHECK(is_supported_float(a.scalar_type()),
-              FMO_PREFIX "addend must have dtype float32, float16, bfloat16, got ", dtype_str(a.scalar_type()));
+    FMO_CHECK(is_supported_float(dtype_of(a)),
+              FMO_PREFIX "addend must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(a)));
     const Place pi = place_of(input), pa = place_of(a);
     FMO_CHECK(pa == pi, FMO_PREFIX "addend must be on the same device as input (", place_str(pi), "), got ",
               place_str(pa));
   }
   if (o.row_mask.has_value()) {
     const Tensor& r = *o.row_mask;
-    FMO_CHECK(r.scalar_type() == ScalarType::Bool && r.dim() == 1 && r.size(0) == s.rows,
+    FMO_CHECK(dtype_of(r) == ScalarType::Bool && r.dim() == 1 && r.size(0) == s.rows,
               FMO_PREFIX "row_mask must be a 1-D bool tensor of input.shape[0] = ", s.rows, " entries, got ",
-              dtype_str(r.scalar_type()), " of shape ", shape_str(r));
+              dtype_str(dtype_of(r)), " of shape ", shape_str(r));
     const Place pi = place_of(input), pr = place_of(r);
     FMO_CHECK(pr == pi, FMO_PREFIX "row_mask must be on the same device as input (", place_str(pi), "), got ",
               place_str(pr));
@@ -352,8 +369,8 @@ inline void check_out(const Tensor& out, const Tensor& input, const std::optiona
                       const Tensor& factors, const CombineShape& s) {
   FMO_CHECK(out.dim() == 2 && out.size(0) == s.m && out.size(1) == s.k, FMO_PREFIX "out must have shape (M, K) = (",
             s.m, ", ", s.k, "), got ", shape_str(out));
-  FMO_CHECK(is_supported_float(out.scalar_type()),
-            FMO_PREFIX "out must have dtype float32, float16, bfloat16, got ", dtype_str(out.scalar_type()));
+  FMO_CHECK(is_supported_float(dtype_of(out)),
+            FMO_PREFIX "out must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(out)));
   const Place pi = place_of(input), po = place_of(out);
   FMO_CHECK(po == pi, FMO_PREFIX "out must be on the same device as input (", place_str(pi), "), got ",
             place_str(po));
@@ -401,7 +418,7 @@ inline PermLayout perm_layout(const std::optional<Tensor>& permutation, int64_t 
   if (!permutation.has_value()) return l;
   const Tensor& p = *permutation;
   l.data = p.data_ptr();
-  l.is_int32 = p.scalar_type() == ScalarType::Int;
+  l.is_int32 = dtype_of(p) == ScalarType::Int;
   if (p.dim() == 2) {
     l.stride_row = p.stride(0);
     l.stride_slot = p.stride(1);
@@ -429,7 +446,7 @@ void combine_into(const Tensor& input, const std::optional<Tensor>& permutation,
     combine(rows, perm, factors, s, dense, out);
     return;
   }
-  Tensor dst = empty_like_rows(out, s.m, s.k, out.scalar_type());  // an `out` with a strided last dimension
+  Tensor dst = empty_like_rows(out, s.m, s.k, dtype_of(out));  // an `out` with a strided last dimension
   combine(rows, perm, factors, s, dense, dst);
   torch::stable::copy_(out, dst);
 }
@@ -439,7 +456,7 @@ template <CombineFn combine>
 Tensor shuffle_mul_sum_functional(Tensor input, std::optional<Tensor> permutation, Tensor factors,
                                   std::optional<ScalarType> out_dtype) {
   const CombineShape s = check_args(input, permutation, factors, out_dtype);
-  Tensor out = empty_like_rows(input, s.m, s.k, out_dtype.value_or(input.scalar_type()));
+  Tensor out = empty_like_rows(input, s.m, s.k, out_dtype.value_or(dtype_of(input)));
   combine_into<combine>(input, permutation, factors, s, CombineOptions{}, out);
   return out;
 }
@@ -465,7 +482,7 @@ Tensor shuffle_mul_sum_fused(Tensor input, std::optional<Tensor> permutation, Te
   o.addend = addend;
   o.row_mask = row_mask;
   const CombineShape s = check_fused_args(input, permutation, factors, out_dtype, o);
-  Tensor out = empty_like_rows(input, s.m, s.k, out_dtype.value_or(input.scalar_type()));
+  Tensor out = empty_like_rows(input, s.m, s.k, out_dtype.value_or(dtype_of(input)));
   combine_into<combine>(input, permutation, factors, s, o, out);
   return out;
 }

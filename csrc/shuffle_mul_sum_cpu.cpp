@@ -158,7 +158,7 @@ void combine_cpu(const Tensor& input, const PermLayout& perm, const Tensor& fact
   a.input_row_stride = input.stride(0);
   a.perm = perm;
   a.factors = factors.data_ptr();
-  a.factor_type = factors.scalar_type();
+  a.factor_type = dtype_of(factors);
   a.factor_stride0 = factors.stride(0);
   a.factor_stride1 = factors.dim() > 1 ? factors.stride(1) : 0;
   a.out = dst.data_ptr();
@@ -177,12 +177,12 @@ void combine_cpu(const Tensor& input, const PermLayout& perm, const Tensor& fact
   }
   if (o.addend.has_value()) {
     a.addend = o.addend->data_ptr();
-    a.addend_type = o.addend->scalar_type();
+    a.addend_type = dtype_of(*o.addend);
     a.addend_row_stride = addend_row_stride(*o.addend);
   }
   check_permutation_range(a);  // before anything is written, even when K = 0
   if (s.m == 0 || s.k == 0) return;
-  selected().fn(a, input.scalar_type(), dst.scalar_type());
+  selected().fn(a, dtype_of(input), dtype_of(dst));
 }
 
 Tensor functional(Tensor input, std::optional<Tensor> permutation, Tensor factors,

@@ -167,10 +167,18 @@ void combine_rows(const CpuArgs& a) {
                             : std::max<int64_t>(1, (32 * 1024) / bytes_per_task);
 
   auto body = [&](int64_t begin, int64_t end) {
-    std::vector<const in_t*> src_store(a.topk);
-    std::vector<float> w_store(a.topk);
-    const in_t** src = src_store.data();
-    float* w = w_store.data();
+    // A token's live slots: on the stack for every real router's topk, on the heap beyond.
+    constexpr int64_t kStackSlots = 64;
+    const in_t* src_stack[kStackSlots];
+    float w_stack[kStackSlots];
+    std::vector<const in_t*> src_heap;
+    std::vector<float> w_heap;
+    if (a.topk > kStackSlots) {
+      src_heap.resize(a.topk);
+      w_heap.resize(a.topk);
+    }
+    const in_t** src = a.topk > kStackSlots ? src_heap.data() : src_stack;
+    float* w = a.topk > kStackSlots ? w_heap.data() : w_stack;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / chunks;
       const int64_t c_begin = (task % chunks) * chunk_cols;
