@@ -118,6 +118,7 @@ def test_wheel_is_abi3_and_requires_torch_2_10(wheel):
         assert "fused_moe_ops/_C_cuda.abi3.so" in libs, (libs, manifest.get("not_built"))
         assert manifest["libraries"]["cuda"]["cuda"].split(".")[0] == torch.version.cuda.split(".")[0]
     metadata = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+    metadata = metadata.split("\n\n", 1)[0]  # the headers, not the README after them
     assert "Requires-Dist: torch>=2.10" in metadata, metadata
     assert "Requires-Dist: torch==" not in metadata, metadata
     print(f"wheel {wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB, built with torch {manifest['built_with_torch']}")
