@@ -58,7 +58,9 @@ def build_baseline(rev: str, isa: str, repo: Path, work: Path) -> None:
         text = text.replace("TORCH_LIBRARY_IMPL(moe,", f"TORCH_LIBRARY_IMPL({BASELINE_NS},")
         text = text.replace('extern "C" C10_EXPORT const char* fused_moe_ops_cpu_isa',
                             'extern "C" C10_EXPORT const char* fused_moe_ops_baseline_cpu_isa')
-        (src / Path(path).name).write_text(text)
+        dest = src / Path(path).name
+        if not dest.is_file() or dest.read_text() != text:  # unchanged: ninja finds the build up to date
+            dest.write_text(text)
     lib = torch.library.Library(BASELINE_NS, "DEF")
     lib.define(ops.FUNCTIONAL_SCHEMA)
     lib.define(ops.OUT_SCHEMA)
