@@ -1,14 +1,15 @@
 """Packaging of fused_moe_ops. Metadata lives in pyproject.toml; this file adds the compiled kernels.
 
 * ``pip wheel . --no-deps --no-build-isolation -w dist/`` (torch installed where it runs, the
-  torch-extension convention) compiles the kernels ahead of time into the wheel:
-  ``fused_moe_ops/_C_cpu*.so`` (one library, DEFAULT / AVX2 / AVX-512 copies of the kernel, picked
-  when it loads) and, where torch is a CUDA build and nvcc is found, ``fused_moe_ops/_C_cuda*.so``
-  (sm_80 and sm_90 machine code + compute_90 PTX, or $TORCH_CUDA_ARCH_LIST). ``_prebuilt.json``
-  beside them records the torch they were built against, and the wheel requires exactly that torch
-  (its C++ ABI is not stable across versions; README "Building").
+  torch-extension convention) compiles the kernels ahead of time into one ``cp310-abi3`` wheel:
+  ``fused_moe_ops/_C_cpu.abi3.so`` (DEFAULT / AVX2 / AVX-512 copies of the kernel, picked when it
+  loads) and, where torch is a CUDA build and nvcc is found, ``fused_moe_ops/_C_cuda.abi3.so``
+  (sm_80 and sm_90 machine code + compute_90 PTX, or $TORCH_CUDA_ARCH_LIST). Both are written on
+  torch's stable ABI and compiled for torch 2.10 (_kernel_spec.py), so the wheel requires
+  ``torch>=2.10``, whatever torch built it; ``_prebuilt.json`` beside them records what they were
+  built with (the CUDA library needs a torch of the same CUDA major version).
 * ``pip install -e .`` (build isolation: no torch here) builds nothing: a source checkout compiles
-  its kernels on first import (fused_moe_ops/_build.py).
+  its kernels on first import (fused_moe_ops/build).
 
 The kernel sources and flags come from fused_moe_ops/_kernel_spec.py, shared with the JIT build.
 """
@@ -52,13 +53,9 @@ def _installed_torch():
 
 
 def _dependencies():
-    torch_version = _installed_torch()
-    if torch_version is None:
-        # Isolated build (the editable install): nothing is compiled, any supported torch will do.
-        return ["torch>=2.11"] + BASE_DEPENDENCIES
-    # A build next to an installed torch compiles against it: require exactly that torch (public
-    # version: 2.14.1+cu130 and 2.14.1 share the C++ ABI of the CPU library).
-    return [f"torch=={torch_version.split('+')[0]}"] + BASE_DEPENDENCIES
+    # The libraries target the stable ABI of MIN_TORCH: any torch from there on serves them, the
+    # one that built them or not; a source install compiles against whatever torch it finds.
+    return [f"torch>={SPEC.MIN_TORCH}"] + BASE_DEPENDENCIES
 
 
 def _find_cuda_home():
@@ -71,22 +68,19 @@ def _find_cuda_home():
 
 
 def _torch_extensions(skipped):
-    """The CPU extension and, where possible, the CUDA one."""
+    """The CPU extension and, where possible, the CUDA one: no Python API used (py_limited_api), so
+    one cp310-abi3 wheel serves every CPython from 3.10 on."""
     import torch
     from torch.utils import cpp_extension
 
     csrc = "csrc"  # relative: setuptools wants relative source paths
-    # x86-64: the dispatching library (DEFAULT copy registers and selects, AVX2 / AVX-512 copies linked
-    # in); elsewhere one DEFAULT copy.
-    dispatch = [SPEC.CPU_DISPATCH_FLAG] if X86_64 else []
     extensions = [cpp_extension.CppExtension(
         "fused_moe_ops." + SPEC.WHEEL_LIBRARIES["cpu"],
         sources=[f"{csrc}/{s}" for s in SPEC.CPU_SOURCES],
         include_dirs=[str(ROOT / csrc)],
         # -ffile-prefix-map: the dispatcher names "csrc/shuffle_mul_sum_cpu.cpp", not the build machine's path.
-        extra_compile_args={"cxx": SPEC.CPU_COMMON_FLAGS + NO_DEBUG_INFO + [f"-ffile-prefix-map={ROOT}/="] + dispatch
-                            + SPEC.CPU_ISAS["DEFAULT"]},
-        extra_link_args=["-fopenmp"],
+        extra_compile_args={"cxx": SPEC.CPU_FLAGS + NO_DEBUG_INFO + [f"-ffile-prefix-map={ROOT}/="]},
+        py_limited_api=True,
     )]
     if torch.version.cuda is None:
         skipped["cuda"] = f"torch {torch.__version__} is not a CUDA build"
@@ -99,6 +93,7 @@ def _torch_extensions(skipped):
             sources=[f"{csrc}/{s}" for s in SPEC.CUDA_SOURCES],
             include_dirs=[str(ROOT / csrc)] + SPEC.cuda_include_paths(),
             extra_compile_args={"cxx": SPEC.CUDA_CXX_FLAGS + NO_DEBUG_INFO, "nvcc": list(SPEC.CUDA_NVCC_FLAGS)},
+            py_limited_api=True,
         ))
     for kind, why in skipped.items():
         print(f"fused_moe_ops: the wheel carries no {kind} kernel: {why}", file=sys.stderr)
@@ -110,27 +105,7 @@ def _torch_build_ext_class(skipped):
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildKernels(BuildExtension):
-        """torch's BuildExtension, plus the CPU kernel's per-ISA copies and _prebuilt.json."""
-
-        def build_extension(self, ext):
-            if ext.name.endswith(SPEC.WHEEL_LIBRARIES["cpu"]):
-                ext.extra_objects = list(ext.extra_objects or []) + self._compile_cpu_isa_copies(ext)
-            super().build_extension(ext)
-
-        def _compile_cpu_isa_copies(self, ext):
-            """The AVX2 and AVX-512 copies of the CPU kernel, each with its own flags. They are linked
-            after the DEFAULT copy (ext's own source), which keeps the baseline's copy of any inline
-            function they share (_kernel_spec.py)."""
-            base = [f for f in ext.extra_compile_args["cxx"] if f not in SPEC.CPU_ISAS["DEFAULT"]]
-            objects = []
-            for isa, flags in SPEC.CPU_ISAS.items():
-                if isa == "DEFAULT" or not X86_64:
-                    continue
-                objects += self.compiler.compile(
-                    ext.sources, output_dir=os.path.join(self.build_temp, f"isa_{isa.lower()}"),
-                    macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
-                    extra_postargs={"cxx": base + flags}, depends=ext.depends)
-            return objects
+        """torch's BuildExtension, plus _prebuilt.json."""
 
         def run(self):
             super().run()
@@ -143,9 +118,10 @@ def _torch_build_ext_class(skipped):
                     entry["isas"] = list(SPEC.CPU_ISAS) if X86_64 else ["DEFAULT"]
                 else:
                     entry["arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
+                    entry["cuda"] = torch.version.cuda
                 libraries[kind] = entry
-            manifest = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "libraries": libraries,
-                        "not_built": skipped}
+            manifest = {"min_torch": SPEC.MIN_TORCH, "built_with_torch": torch.__version__,
+                        "torch_cuda": torch.version.cuda, "libraries": libraries, "not_built": skipped}
             out_dir = (ROOT if self.inplace else Path(self.build_lib)) / "fused_moe_ops"
             (out_dir / SPEC.PREBUILT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -166,7 +142,9 @@ if _building_kernels():
         os.environ["CUDA_HOME"] = _cuda_home  # before cpp_extension guesses it from a stray nvcc on PATH
     _skipped = {}
     EXT_MODULES, CMDCLASS = _torch_extensions(_skipped), {"build_ext": _torch_build_ext_class(_skipped)}
+    # One wheel for CPython >= 3.10 (the oldest torch 2.10 supports): the libraries use no Python API.
+    OPTIONS = {"bdist_wheel": {"py_limited_api": "cp310"}}
 else:  # editable install, sdist, metadata: no torch needed, nothing compiled
-    EXT_MODULES, CMDCLASS = [], {}
+    EXT_MODULES, CMDCLASS, OPTIONS = [], {}, {}
 
-setup(install_requires=_dependencies(), ext_modules=EXT_MODULES, cmdclass=CMDCLASS)
+setup(install_requires=_dependencies(), ext_modules=EXT_MODULES, cmdclass=CMDCLASS, options=OPTIONS)

@@ -1,24 +1,87 @@
-// Shared by the CPU and CUDA kernels of moe::shuffle_mul_sum: argument checks and the
-// resolved shape of a call. The schema itself is defined in Python (fused_moe_ops/ops.py);
-// these checks carry the same messages as ops.check_args so that a caller gets the same error
-// from the fake (torch.compile), the reference fallback and a native kernel.
+// Shared by the CPU and CUDA kernels of moe::shuffle_mul_sum: argument checks and the resolved
+// shape of a call. The schema itself is defined in Python (fused_moe_ops/ops.py); these checks
+// carry the same messages as ops.check_args so that a caller gets the same error from the fake
+// (torch.compile), the reference fallback and a native kernel.
+//
+// Written on torch's stable ABI only (torch/csrc/stable, torch/headeronly) and built with
+// TORCH_TARGET_VERSION = 2.10 (fused_moe_ops/_kernel_spec.py): one library serves every torch
+// from 2.10 on. Errors are thrown as std::runtime_error (Python RuntimeError) and
+// std::out_of_range (IndexError) carrying exactly our message (STD_TORCH_CHECK would prefix
+// file:line).
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
-#include <c10/util/Optional.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
+#include <array>
 #include <cctype>
+#include <cstdint>
+#include <optional>
 #include <sstream>
+#include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace fused_moe_ops {
 
-inline bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+using Tensor = torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+using Half = c10::Half;
+using BFloat16 = c10::BFloat16;
+
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::ostringstream s;
+  (s << ... << args);
+  return s.str();
 }
 
-inline std::string shape_str(const at::Tensor& t) {
+// A failed check: RuntimeError in Python, with exactly this message.
+template <typename... Args>
+[[noreturn]] void fail(const Args&... args) {
+  throw std::runtime_error(cat(args...));
+}
+// An index out of range: IndexError in Python.
+template <typename... Args>
+[[noreturn]] void fail_index(const Args&... args) {
+  throw std::out_of_range(cat(args...));
+}
+#define FMO_CHECK(cond, ...) \
+  do {                       \
+    if (!(cond)) ::fused_moe_ops::fail(__VA_ARGS__); \
+  } while (0)
+
+inline void shim_check(AOTITorchError err, const char* what) {
+  if (err != AOTI_TORCH_SUCCESS) fail("moe::shuffle_mul_sum: ", what, " failed");
+}
+
+// A tensor's dtype. Tensor::scalar_type() maps the shim's code through a chain of shim calls (tens of
+// ns each time); the codes of the dtypes a call meets are read once here, the rest falls back to it.
+inline ScalarType dtype_of(const Tensor& t) {
+  static const int32_t f32 = aoti_torch_dtype_float32(), f16 = aoti_torch_dtype_float16(),
+                       bf16 = aoti_torch_dtype_bfloat16(), i32 = aoti_torch_dtype_int32(),
+                       i64 = aoti_torch_dtype_int64(), b8 = aoti_torch_dtype_bool();
+  int32_t code = 0;
+  shim_check(aoti_torch_get_dtype(t.get(), &code), "aoti_torch_get_dtype");
+  if (code == f32) return ScalarType::Float;
+  if (code == bf16) return ScalarType::BFloat16;
+  if (code == f16) return ScalarType::Half;
+  if (code == i64) return ScalarType::Long;
+  if (code == i32) return ScalarType::Int;
+  if (code == b8) return ScalarType::Bool;
+  return t.scalar_type();
+}
+
+inline bool is_supported_float(ScalarType t) {
+  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
+}
+
+inline std::string shape_str(const Tensor& t) {
   std::ostringstream s;
   s << "(";
   for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
@@ -27,29 +90,72 @@ inline std::string shape_str(const at::Tensor& t) {
   return s.str();
 }
 
-inline std::string dtype_str(at::ScalarType t) {
+inline std::string dtype_str(ScalarType t) {
   // Python spelling (torch.bfloat16, torch.complex64, torch.float8_e4m3fn), as ops.check_args prints it.
   switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kDouble: return "torch.float64";
-    case at::kInt: return "torch.int32";
-    case at::kLong: return "torch.int64";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    case at::kComplexHalf: return "torch.complex32";
-    case at::kComplexFloat: return "torch.complex64";
-    case at::kComplexDouble: return "torch.complex128";
+    case ScalarType::Float: return "torch.float32";
+    case ScalarType::Half: return "torch.float16";
+    case ScalarType::BFloat16: return "torch.bfloat16";
+    case ScalarType::Double: return "torch.float64";
+    case ScalarType::Int: return "torch.int32";
+    case ScalarType::Long: return "torch.int64";
+    case ScalarType::Short: return "torch.int16";
+    case ScalarType::Char: return "torch.int8";
+    case ScalarType::Byte: return "torch.uint8";
+    case ScalarType::Bool: return "torch.bool";
+    case ScalarType::ComplexHalf: return "torch.complex32";
+    case ScalarType::ComplexFloat: return "torch.complex64";
+    case ScalarType::ComplexDouble: return "torch.complex128";
     default: break;
   }
-  // The rest (float8_*, float4_*, uint16/32/64, qint8, bits*, int1..7) print as their C++ name
-  // lower-cased: Float8_e4m3fn -> float8_e4m3fn, UInt16 -> uint16, QInt8 -> qint8.
-  std::string name = c10::toString(t);
+  // The rest (float8_*, uint16/32/64, ...) print as their C++ name lower-cased.
+  std::string name = torch::headeronly::toString(t);
   for (auto& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   return "torch." + name;
+}
+
+// Where a tensor lives, as (device type, index): compared with ==, printed as Python does.
+struct Place {
+  int32_t type;
+  int32_t index;
+  bool operator==(const Place& o) const { return type == o.type && index == o.index; }
+  bool operator!=(const Place& o) const { return !(*this == o); }
+};
+
+inline Place place_of(const Tensor& t) {
+  Place p{};
+  shim_check(aoti_torch_get_device_type(t.get(), &p.type), "aoti_torch_get_device_type");
+  shim_check(aoti_torch_get_device_index(t.get(), &p.index), "aoti_torch_get_device_index");
+  return p;
+}
+
+inline std::string place_str(const Place& p) {
+  std::string name;
+  if (p.type == aoti_torch_device_type_cpu()) {
+    name = "cpu";
+  } else if (p.type == aoti_torch_device_type_cuda()) {
+    name = "cuda";
+  } else if (p.type == aoti_torch_device_type_meta()) {
+    name = "meta";
+  } else {
+    name = cat("device_type_", p.type);
+  }
+  return p.index >= 0 && p.type != aoti_torch_device_type_cpu() ? cat(name, ":", p.index) : name;
+}
+
+// A new uninitialised tensor with the given sizes and strides, on `like`'s device.
+inline Tensor empty_strided_like(const Tensor& like, std::array<int64_t, 2> sizes, std::array<int64_t, 2> strides,
+                                 ScalarType dtype) {
+  const Place p = place_of(like);
+  int32_t shim_dtype = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+  AtenTensorHandle handle = nullptr;
+  shim_check(aoti_torch_empty_strided(2, sizes.data(), strides.data(), shim_dtype, p.type, p.index, &handle),
+             "aoti_torch_empty_strided");
+  return Tensor(handle);
+}
+
+inline Tensor empty_like_rows(const Tensor& like, int64_t m, int64_t k, ScalarType dtype) {
+  return empty_strided_like(like, {m, k}, {k, 1}, dtype);
 }
 
 #define FMO_PREFIX "moe::shuffle_mul_sum: "
@@ -61,37 +167,56 @@ struct CombineShape {
   int64_t rows;  // rows of input (R)
 };
 
-inline CombineShape check_args(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
-                               const at::Tensor& factors, std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(input.dim() == 2, FMO_PREFIX "input must be a 2-D tensor (R, K), got ", input.dim(),
-              "-D with shape ", shape_str(input));
-  TORCH_CHECK(is_supported_float(input.scalar_type()),
-              FMO_PREFIX "input must have dtype float32, float16, bfloat16, got ", dtype_str(input.scalar_type()));
-  TORCH_CHECK(factors.dim() == 2, FMO_PREFIX "factors must be a 2-D tensor (M, topk), got ", factors.dim(),
-              "-D with shape ", shape_str(factors));
-  TORCH_CHECK(is_supported_float(factors.scalar_type()),
-              FMO_PREFIX "factors must have dtype float32, float16, bfloat16, got ", dtype_str(factors.scalar_type()));
-  TORCH_CHECK(factors.device() == input.device(), FMO_PREFIX "factors must be on the same device as input (",
-              input.device(), "), got ", factors.device());
-  CombineShape s{factors.size(0), factors.size(1), input.size(1), input.size(0)};
+inline void check_input(const Tensor& input) {
+  FMO_CHECK(input.dim() == 2, FMO_PREFIX "input must be a 2-D tensor (R, K), got ", input.dim(), "-D with shape ",
+            shape_str(input));
+  FMO_CHECK(is_supported_float(dtype_of(input)),
+            FMO_PREFIX "input must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(input)));
+}
+
+inline void check_factors_type(const Tensor& input, const Tensor& factors) {
+  FMO_CHECK(is_supported_float(dtype_of(factors)),
+            FMO_PREFIX "factors must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(factors)));
+  const Place pi = place_of(input), pf = place_of(factors);
+  FMO_CHECK(pf == pi, FMO_PREFIX "factors must be on the same device as input (", place_str(pi), "), got ",
+            place_str(pf));
+}
+
+// The checks after input's and factors' own: permutation (or identity) against (M, topk), out_dtype.
+// `perm_flat`: a 2-D (M, topk) permutation of the internal op, checked as its flattened (M*topk,) self.
+inline void check_rest(const Tensor& input, const std::optional<Tensor>& permutation, const CombineShape& s,
+                       std::optional<ScalarType> out_dtype, bool perm_flat) {
   if (!permutation.has_value()) {
-    TORCH_CHECK(s.rows == s.m * s.topk, FMO_PREFIX "permutation=None (identity) needs input.shape[0] == M*topk = ",
-                s.m, "*", s.topk, " = ", s.m * s.topk, ", got input.shape[0] = ", s.rows);
+    FMO_CHECK(s.rows == s.m * s.topk, FMO_PREFIX "permutation=None (identity) needs input.shape[0] == M*topk = ", s.m,
+              "*", s.topk, " = ", s.m * s.topk, ", got input.shape[0] = ", s.rows);
   } else {
-    const at::Tensor& p = *permutation;
-    TORCH_CHECK(p.scalar_type() == at::kInt || p.scalar_type() == at::kLong,
-                FMO_PREFIX "permutation must have dtype int32 or int64, got ", dtype_str(p.scalar_type()));
-    TORCH_CHECK(p.dim() == 1, FMO_PREFIX "permutation must be a 1-D tensor (M*topk,), got ", p.dim(),
-                "-D with shape ", shape_str(p));
-    TORCH_CHECK(p.device() == input.device(), FMO_PREFIX "permutation must be on the same device as input (",
-                input.device(), "), got ", p.device());
-    TORCH_CHECK(p.size(0) == s.m * s.topk, FMO_PREFIX "permutation must have M*topk = ", s.m, "*", s.topk, " = ",
-                s.m * s.topk, " entries (factors is ", s.m, "x", s.topk, "), got ", p.size(0));
+    const Tensor& p = *permutation;
+    FMO_CHECK(dtype_of(p) == ScalarType::Int || dtype_of(p) == ScalarType::Long,
+              FMO_PREFIX "permutation must have dtype int32 or int64, got ", dtype_str(dtype_of(p)));
+    const int64_t dim = perm_flat ? 1 : p.dim();
+    FMO_CHECK(dim == 1, FMO_PREFIX "permutation must be a 1-D tensor (M*topk,), got ", dim, "-D with shape ",
+              shape_str(p));
+    const Place pi = place_of(input), pp = place_of(p);
+    FMO_CHECK(pp == pi, FMO_PREFIX "permutation must be on the same device as input (", place_str(pi), "), got ",
+              place_str(pp));
+    const int64_t n = perm_flat ? p.numel() : p.size(0);
+    FMO_CHECK(n == s.m * s.topk, FMO_PREFIX "permutation must have M*topk = ", s.m, "*", s.topk, " = ", s.m * s.topk,
+              " entries (factors is ", s.m, "x", s.topk, "), got ", n);
   }
   if (out_dtype.has_value()) {
-    TORCH_CHECK(is_supported_float(*out_dtype),
-                FMO_PREFIX "out_dtype must be one of float32, float16, bfloat16 or None, got ", dtype_str(*out_dtype));
+    FMO_CHECK(is_supported_float(*out_dtype),
+              FMO_PREFIX "out_dtype must be one of float32, float16, bfloat16 or None, got ", dtype_str(*out_dtype));
   }
+}
+
+inline CombineShape check_args(const Tensor& input, const std::optional<Tensor>& permutation, const Tensor& factors,
+                               std::optional<ScalarType> out_dtype, bool perm_flat = false) {
+  check_input(input);
+  FMO_CHECK(factors.dim() == 2, FMO_PREFIX "factors must be a 2-D tensor (M, topk), got ", factors.dim(),
+            "-D with shape ", shape_str(factors));
+  check_factors_type(input, factors);
+  const CombineShape s{factors.size(0), factors.size(1), input.size(1), input.size(0)};
+  check_rest(input, permutation, s, out_dtype, perm_flat);
   return s;
 }
 
@@ -100,34 +225,40 @@ inline CombineShape check_args(const at::Tensor& input, const std::optional<at::
 // op (the negative-index wrap, the factors' rounding, a per-row factor gather) and the consumer it
 // would otherwise leave after it (a scale, an add). The public op is the all-default case.
 enum NegativeIndex : int64_t {
-  kSkipNegative = 0,      // the public op: a negative entry contributes nothing
-  kWrapNegative = 1,      // x[idx]: -R <= p < 0 reads row p + R; p < -R is an error
-  kNegativeIsError = 2,   // x.index_select(0, idx): every negative entry is an error
+  kSkipNegative = 0,     // the public op: a negative entry contributes nothing
+  kWrapNegative = 1,     // x[idx]: -R <= p < 0 reads row p + R; p < -R is an error
+  kNegativeIsError = 2,  // x.index_select(0, idx): every negative entry is an error
 };
 enum FactorRound : int64_t {
   kNoRound = 0,
-  kRoundToHalf = 1,       // factors.to(float16) before the multiply
-  kRoundToBFloat16 = 2,   // factors.to(bfloat16) before the multiply
+  kRoundToHalf = 1,      // factors.to(float16) before the multiply
+  kRoundToBFloat16 = 2,  // factors.to(bfloat16) before the multiply
 };
 
 struct CombineOptions {
   int64_t negative_index = kSkipNegative;
   int64_t factor_round = kNoRound;
-  bool factors_per_row = false;     // factors is (R,): slot (i, j) uses factors[p], p its (wrapped) row
-  float scale = 1.f;                // out = scale * sum + addend, in float32, rounded once
-  std::optional<at::Tensor> addend;  // (M, K), last dimension dense, any row stride (0: broadcast)
-  std::optional<at::Tensor> row_mask;  // bool (R,): a row whose entry is true reads as zeros (0 * factor)
+  bool factors_per_row = false;        // factors is (R,): slot (i, j) uses factors[p], p its (wrapped) row
+  float scale = 1.f;                   // out = scale * sum + addend, in float32, rounded once
+  std::optional<Tensor> addend;        // (M, K), last dimension dense, any row stride (0: broadcast)
+  std::optional<Tensor> row_mask;      // bool (R,): a row whose entry is true reads as zeros (0 * factor)
 };
 
-C10_HOST_DEVICE inline float round_factor(float w, int64_t mode) {
-  if (mode == kRoundToHalf) return static_cast<float>(at::Half(w));
-  if (mode == kRoundToBFloat16) return static_cast<float>(at::BFloat16(w));
+#if defined(__CUDACC__)
+#define FMO_HOST_DEVICE __host__ __device__
+#else
+#define FMO_HOST_DEVICE
+#endif
+
+FMO_HOST_DEVICE inline float round_factor(float w, int64_t mode) {
+  if (mode == kRoundToHalf) return static_cast<float>(Half(w));
+  if (mode == kRoundToBFloat16) return static_cast<float>(BFloat16(w));
   return w;
 }
 
 // The addend of the internal op: broadcastable to (M, K) (a residual, a bias), or, with more than
 // two dimensions, M*K elements in row-major (M, K) order (the residual of `out.view(b, s, h) + r`).
-inline bool addend_fits(const at::Tensor& a, int64_t m, int64_t k) {
+inline bool addend_fits(const Tensor& a, int64_t m, int64_t k) {
   if (a.dim() > 2) return a.size(-1) == k && a.numel() == m * k;
   const int64_t want[2] = {m, k};
   for (int64_t d = 0; d < a.dim(); ++d) {
@@ -137,94 +268,124 @@ inline bool addend_fits(const at::Tensor& a, int64_t m, int64_t k) {
   return true;
 }
 
-inline at::Tensor addend_as_rows(const at::Tensor& a, int64_t m, int64_t k) {
-  return a.dim() > 2 ? a.reshape({m, k}) : a.expand({m, k});
+// aten::expand through the dispatcher (torch/csrc/stable has no wrapper for it).
+inline Tensor expand(const Tensor& t, std::array<int64_t, 2> sizes) {
+  std::array<StableIValue, 3> stack{torch::stable::detail::from(t),
+                                    torch::stable::detail::from(torch::headeronly::IntHeaderOnlyArrayRef(
+                                        sizes.data(), sizes.size())),
+                                    torch::stable::detail::from(false)};
+  shim_check(torch_call_dispatcher("aten::expand", "", stack.data(), TORCH_ABI_VERSION), "aten::expand");
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// The addend as (M, K) rows whose last dimension is dense (rows may repeat: row stride 0).
+inline Tensor addend_as_rows(const Tensor& a, int64_t m, int64_t k) {
+  const bool dense_row = a.dim() >= 1 && a.size(-1) == k && (k <= 1 || a.stride(-1) == 1);
+  if (a.dim() <= 2 && dense_row && (a.dim() == 1 || a.size(0) == m || a.size(0) == 1)) {
+    return a;  // read in place: the kernel takes its row stride (0 for a broadcast row)
+  }
+  Tensor rows = a.dim() > 2 ? torch::stable::reshape(a, {m, k}) : expand(a, {m, k});
+  return (k > 1 && rows.stride(1) != 1) ? torch::stable::contiguous(rows) : rows;
+}
+
+// Row stride of an addend as addend_as_rows returns it (1-D or a broadcast row: 0).
+inline int64_t addend_row_stride(const Tensor& a) {
+  if (a.dim() < 2 || a.size(0) == 1) return 0;
+  return a.stride(0);
 }
 
 // Checks of the internal op (the public op's checks, plus the options). A 2-D (M, topk) permutation
 // is what carries M and topk when the factors are per row.
-inline CombineShape check_fused_args(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
-                                     const at::Tensor& factors, std::optional<at::ScalarType> out_dtype,
+inline CombineShape check_fused_args(const Tensor& input, const std::optional<Tensor>& permutation,
+                                     const Tensor& factors, std::optional<ScalarType> out_dtype,
                                      const CombineOptions& o) {
-  TORCH_CHECK(o.negative_index >= kSkipNegative && o.negative_index <= kNegativeIsError,
-              FMO_PREFIX "negative_index must be 0 (skip), 1 (wrap) or 2 (error), got ", o.negative_index);
-  TORCH_CHECK(o.factor_round >= kNoRound && o.factor_round <= kRoundToBFloat16,
-              FMO_PREFIX "factor_round must be 0 (none), 1 (float16) or 2 (bfloat16), got ", o.factor_round);
+  FMO_CHECK(o.negative_index >= kSkipNegative && o.negative_index <= kNegativeIsError,
+            FMO_PREFIX "negative_index must be 0 (skip), 1 (wrap) or 2 (error), got ", o.negative_index);
+  FMO_CHECK(o.factor_round >= kNoRound && o.factor_round <= kRoundToBFloat16,
+            FMO_PREFIX "factor_round must be 0 (none), 1 (float16) or 2 (bfloat16), got ", o.factor_round);
   CombineShape s{};
+  const bool perm_2d = permutation.has_value() && permutation->dim() == 2;
   if (!o.factors_per_row) {
-    TORCH_CHECK(!permutation.has_value() || permutation->dim() != 2 ||
-                    (permutation->size(0) == factors.size(0) && permutation->size(1) == factors.size(1)),
-                FMO_PREFIX "a 2-D permutation must have the factors' shape (M, topk) = ", shape_str(factors),
-                ", got ", shape_str(*permutation));
-    const std::optional<at::Tensor> flat =
-        permutation.has_value() ? std::optional<at::Tensor>(permutation->reshape({-1})) : std::nullopt;
-    s = check_args(input, flat, factors, out_dtype);
+    FMO_CHECK(!perm_2d || (permutation->size(0) == factors.size(0) && permutation->size(1) == factors.size(1)),
+              FMO_PREFIX "a 2-D permutation must have the factors' shape (M, topk) = ", shape_str(factors), ", got ",
+              shape_str(*permutation));
+    s = check_args(input, permutation, factors, out_dtype, /*perm_flat=*/perm_2d);
   } else {
-    TORCH_CHECK(permutation.has_value() && permutation->dim() == 2,
-                FMO_PREFIX "per-row factors need the permutation as a 2-D (M, topk) tensor");
-    TORCH_CHECK(factors.dim() == 1 && factors.size(0) == input.size(0),
-                FMO_PREFIX "per-row factors must be a 1-D tensor of input.shape[0] = ", input.size(0),
-                " entries, got shape ", shape_str(factors));
-    // The public checks on a stand-in (M, topk) factors tensor of one element (zero strides):
-    // the same dtype and device rules.
-    const at::Tensor like = at::empty_strided({permutation->size(0), permutation->size(1)}, {0, 0}, factors.options());
-    s = check_args(input, permutation->reshape({-1}), like, out_dtype);
+    FMO_CHECK(perm_2d, FMO_PREFIX "per-row factors need the permutation as a 2-D (M, topk) tensor");
+    FMO_CHECK(factors.dim() == 1 && factors.size(0) == input.size(0),
+              FMO_PREFIX "per-row factors must be a 1-D tensor of input.shape[0] = ", input.size(0),
+              " entries, got shape ", shape_str(factors));
+    // The public checks as for an (M, topk) factors tensor: the same dtype and device rules.
+    check_input(input);
+    check_factors_type(input, factors);
+    s = CombineShape{permutation->size(0), permutation->size(1), input.size(1), input.size(0)};
+    check_rest(input, permutation, s, out_dtype, /*perm_flat=*/true);
   }
   if (o.addend.has_value()) {
-    const at::Tensor& a = *o.addend;
-    TORCH_CHECK(addend_fits(a, s.m, s.k), FMO_PREFIX "addend must broadcast to (M, K) = (", s.m, ", ", s.k,
-                ") or, with more than 2 dimensions, hold M*K elements with last dimension K, got ", shape_str(a));
-    TORCH_CHECK(is_supported_float(a.scalar_type()),
-                FMO_PREFIX "addend must have dtype float32, float16, bfloat16, got ", dtype_str(a.scalar_type()));
-    TORCH_CHECK(a.device() == input.device(), FMO_PREFIX "addend must be on the same device as input (",
-                input.device(), "), got ", a.device());
+    const Tensor& a = *o.addend;
+    FMO_CHECK(addend_fits(a, s.m, s.k), FMO_PREFIX "addend must broadcast to (M, K) = (", s.m, ", ", s.k,
+              ") or, with more than 2 dimensions, hold M*K elements with last dimension K, got ", shape_str(a));
+    FMO_CHECK(is_supported_float(dtype_of(a)),
+              FMO_PREFIX "addend must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(a)));
+    const Place pi = place_of(input), pa = place_of(a);
+    FMO_CHECK(pa == pi, FMO_PREFIX "addend must be on the same device as input (", place_str(pi), "), got ",
+              place_str(pa));
   }
   if (o.row_mask.has_value()) {
-    const at::Tensor& r = *o.row_mask;
-    TORCH_CHECK(r.scalar_type() == at::kBool && r.dim() == 1 && r.size(0) == s.rows,
-                FMO_PREFIX "row_mask must be a 1-D bool tensor of input.shape[0] = ", s.rows, " entries, got ",
-                dtype_str(r.scalar_type()), " of shape ", shape_str(r));
-    TORCH_CHECK(r.device() == input.device(), FMO_PREFIX "row_mask must be on the same device as input (",
-                input.device(), "), got ", r.device());
+    const Tensor& r = *o.row_mask;
+    FMO_CHECK(dtype_of(r) == ScalarType::Bool && r.dim() == 1 && r.size(0) == s.rows,
+              FMO_PREFIX "row_mask must be a 1-D bool tensor of input.shape[0] = ", s.rows, " entries, got ",
+              dtype_str(dtype_of(r)), " of shape ", shape_str(r));
+    const Place pi = place_of(input), pr = place_of(r);
+    FMO_CHECK(pr == pi, FMO_PREFIX "row_mask must be on the same device as input (", place_str(pi), "), got ",
+              place_str(pr));
   }
   return s;
 }
 
 // [first byte, last byte + 1) of the memory a tensor's elements live in.
-inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+inline std::pair<uintptr_t, uintptr_t> byte_span(const Tensor& t) {
   const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
   int64_t extent = 1;
   for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
-  return {start, start + static_cast<uintptr_t>(extent * t.element_size())};
+  return {start, start + static_cast<uintptr_t>(extent * static_cast<int64_t>(t.element_size()))};
 }
 
-inline bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
+inline bool spans_overlap(const Tensor& a, const Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
   const auto sa = byte_span(a), sb = byte_span(b);
   return sa.first < sb.second && sb.first < sa.second;
 }
 
-inline void check_out(const at::Tensor& out, const at::Tensor& input, const std::optional<at::Tensor>& permutation,
-                      const at::Tensor& factors, const CombineShape& s) {
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == s.m && out.size(1) == s.k, FMO_PREFIX "out must have shape (M, K) = (",
-              s.m, ", ", s.k, "), got ", shape_str(out));
-  TORCH_CHECK(is_supported_float(out.scalar_type()),
-              FMO_PREFIX "out must have dtype float32, float16, bfloat16, got ", dtype_str(out.scalar_type()));
-  TORCH_CHECK(out.device() == input.device(), FMO_PREFIX "out must be on the same device as input (", input.device(),
-              "), got ", out.device());
-  // Writing into memory we also read would be a silent wrong answer. ATen's own overlap checks
-  // give up ("too hard") on non-dense views, so compare address spans instead: conservative
-  // (two interleaved views of one buffer are refused too) but never wrong.
-  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
-              FMO_PREFIX "out must not have elements that share memory (e.g. an expand()ed tensor)");
+// at::has_internal_overlap(t) == MemOverlap::Yes: a dimension of size > 1 with stride 0.
+inline bool has_internal_overlap(const Tensor& t) {
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1 && t.stride(d) == 0) return true;
+  }
+  return false;
+}
+
+inline void check_out(const Tensor& out, const Tensor& input, const std::optional<Tensor>& permutation,
+                      const Tensor& factors, const CombineShape& s) {
+  FMO_CHECK(out.dim() == 2 && out.size(0) == s.m && out.size(1) == s.k, FMO_PREFIX "out must have shape (M, K) = (",
+            s.m, ", ", s.k, "), got ", shape_str(out));
+  FMO_CHECK(is_supported_float(dtype_of(out)),
+            FMO_PREFIX "out must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(out)));
+  const Place pi = place_of(input), po = place_of(out);
+  FMO_CHECK(po == pi, FMO_PREFIX "out must be on the same device as input (", place_str(pi), "), got ",
+            place_str(po));
+  // Writing into memory we also read would be a silent wrong answer. Compare address spans:
+  // conservative (two interleaved views of one buffer are refused too) but never wrong.
+  FMO_CHECK(!has_internal_overlap(out),
+            FMO_PREFIX "out must not have elements that share memory (e.g. an expand()ed tensor)");
   const bool overlaps = spans_overlap(out, input) || spans_overlap(out, factors) ||
                         (permutation.has_value() && spans_overlap(out, *permutation));
-  TORCH_CHECK(!overlaps, FMO_PREFIX "out must not share memory with input, permutation or factors");
+  FMO_CHECK(!overlaps, FMO_PREFIX "out must not share memory with input, permutation or factors");
 }
 
 // input rows may be a strided view of a bigger buffer; only the last dimension must be dense.
-inline at::Tensor rows_with_dense_last_dim(const at::Tensor& t) {
-  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
+inline Tensor rows_with_dense_last_dim(const Tensor& t) {
+  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : torch::stable::contiguous(t);
 }
 
 template <typename T>
@@ -233,57 +394,75 @@ struct TypeTag {
 };
 
 // float32 / float16 / bfloat16 only (check_args has rejected the rest): 9 kernel instantiations
-// for (input, output) dtype pairs, not AT_DISPATCH's 16.
+// for (input, output) dtype pairs.
 template <typename F>
-void dispatch_float(at::ScalarType t, F&& f) {
+void dispatch_float(ScalarType t, F&& f) {
   switch (t) {
-    case at::kFloat: return f(TypeTag<float>{});
-    case at::kHalf: return f(TypeTag<at::Half>{});
-    case at::kBFloat16: return f(TypeTag<at::BFloat16>{});
-    default: TORCH_CHECK(false, FMO_PREFIX "unsupported dtype ", dtype_str(t));
+    case ScalarType::Float: return f(TypeTag<float>{});
+    case ScalarType::Half: return f(TypeTag<Half>{});
+    case ScalarType::BFloat16: return f(TypeTag<BFloat16>{});
+    default: fail(FMO_PREFIX "unsupported dtype ", dtype_str(t));
   }
 }
 
+// The permutation as the kernels read it: entry (i, j) at perm[i * stride_row + j * stride_slot],
+// for a 1-D (M*topk,) tensor and a 2-D (M, topk) one alike (no reshape, no copy).
+struct PermLayout {
+  const void* data = nullptr;  // nullptr: identity
+  bool is_int32 = false;
+  int64_t stride_row = 0, stride_slot = 0;
+};
+
+inline PermLayout perm_layout(const std::optional<Tensor>& permutation, int64_t topk) {
+  PermLayout l;
+  if (!permutation.has_value()) return l;
+  const Tensor& p = *permutation;
+  l.data = p.data_ptr();
+  l.is_int32 = dtype_of(p) == ScalarType::Int;
+  if (p.dim() == 2) {
+    l.stride_row = p.stride(0);
+    l.stride_slot = p.stride(1);
+  } else {
+    l.stride_slot = p.stride(0);
+    l.stride_row = topk * p.stride(0);
+  }
+  return l;
+}
+
 // A device's kernel: writes `dst` (M, K), whose last dimension is dense, from `input`, whose last
-// dimension is dense. Arguments are already checked.
-// `permutation` is 1-D (M*topk,) here; `factors` is (M, topk), or (R,) when o.factors_per_row.
-using CombineFn = void (*)(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
-                           const at::Tensor& factors, const CombineShape& s, const CombineOptions& o,
-                           at::Tensor& dst);
+// dimension is dense. Arguments are already checked. `factors` is (M, topk), or (R,) when
+// o.factors_per_row; `o.addend`, when present, has a dense last dimension.
+using CombineFn = void (*)(const Tensor& input, const PermLayout& perm, const Tensor& factors, const CombineShape& s,
+                           const CombineOptions& o, Tensor& dst);
 
 template <CombineFn combine>
-void combine_into(const at::Tensor& input, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
-                  const CombineShape& s, const CombineOptions& o, at::Tensor& out) {
-  const at::Tensor rows = rows_with_dense_last_dim(input);
-  const std::optional<at::Tensor> flat =
-      permutation.has_value() ? std::optional<at::Tensor>(permutation->reshape({-1})) : std::nullopt;
+void combine_into(const Tensor& input, const std::optional<Tensor>& permutation, const Tensor& factors,
+                  const CombineShape& s, const CombineOptions& o, Tensor& out) {
+  const Tensor rows = rows_with_dense_last_dim(input);
+  const PermLayout perm = perm_layout(permutation, s.topk);
   CombineOptions dense = o;
-  if (o.addend.has_value()) {
-    at::Tensor a = addend_as_rows(*o.addend, s.m, s.k);
-    dense.addend = (s.k > 1 && a.stride(1) != 1) ? a.contiguous() : a;
-  }
+  if (o.addend.has_value()) dense.addend = addend_as_rows(*o.addend, s.m, s.k);
   if (s.k <= 1 || out.stride(1) == 1) {
-    combine(rows, flat, factors, s, dense, out);
+    combine(rows, perm, factors, s, dense, out);
     return;
   }
-  at::Tensor dst = at::empty({s.m, s.k}, out.options());  // an `out` with a strided last dimension
-  combine(rows, flat, factors, s, dense, dst);
-  out.copy_(dst);
+  Tensor dst = empty_like_rows(out, s.m, s.k, dtype_of(out));  // an `out` with a strided last dimension
+  combine(rows, perm, factors, s, dense, dst);
+  torch::stable::copy_(out, dst);
 }
 
 // The two overloads of the schema, for one device's kernel.
 template <CombineFn combine>
-at::Tensor shuffle_mul_sum_functional(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
-                                      const at::Tensor& factors, std::optional<at::ScalarType> out_dtype) {
+Tensor shuffle_mul_sum_functional(Tensor input, std::optional<Tensor> permutation, Tensor factors,
+                                  std::optional<ScalarType> out_dtype) {
   const CombineShape s = check_args(input, permutation, factors, out_dtype);
-  at::Tensor out = at::empty({s.m, s.k}, input.options().dtype(out_dtype.value_or(input.scalar_type())));
+  Tensor out = empty_like_rows(input, s.m, s.k, out_dtype.value_or(dtype_of(input)));
   combine_into<combine>(input, permutation, factors, s, CombineOptions{}, out);
   return out;
 }
 
 template <CombineFn combine>
-at::Tensor& shuffle_mul_sum_out(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
-                                const at::Tensor& factors, at::Tensor& out) {
+Tensor shuffle_mul_sum_out(Tensor input, std::optional<Tensor> permutation, Tensor factors, Tensor out) {
   const CombineShape s = check_args(input, permutation, factors, std::nullopt);
   check_out(out, input, permutation, factors, s);
   combine_into<combine>(input, permutation, factors, s, CombineOptions{}, out);
@@ -292,10 +471,9 @@ at::Tensor& shuffle_mul_sum_out(const at::Tensor& input, const std::optional<at:
 
 // The internal op (ops.py: FUSED_SCHEMA), for one device's kernel.
 template <CombineFn combine>
-at::Tensor shuffle_mul_sum_fused(const at::Tensor& input, const std::optional<at::Tensor>& permutation,
-                                 const at::Tensor& factors, std::optional<at::ScalarType> out_dtype,
-                                 int64_t negative_index, int64_t factor_round, double scale,
-                                 const std::optional<at::Tensor>& addend, const std::optional<at::Tensor>& row_mask) {
+Tensor shuffle_mul_sum_fused(Tensor input, std::optional<Tensor> permutation, Tensor factors,
+                             std::optional<ScalarType> out_dtype, int64_t negative_index, int64_t factor_round,
+                             double scale, std::optional<Tensor> addend, std::optional<Tensor> row_mask) {
   CombineOptions o;
   o.negative_index = negative_index;
   o.factor_round = factor_round;
@@ -304,7 +482,7 @@ at::Tensor shuffle_mul_sum_fused(const at::Tensor& input, const std::optional<at
   o.addend = addend;
   o.row_mask = row_mask;
   const CombineShape s = check_fused_args(input, permutation, factors, out_dtype, o);
-  at::Tensor out = at::empty({s.m, s.k}, input.options().dtype(out_dtype.value_or(input.scalar_type())));
+  Tensor out = empty_like_rows(input, s.m, s.k, out_dtype.value_or(dtype_of(input)));
   combine_into<combine>(input, permutation, factors, s, o, out);
   return out;
 }

@@ -20,17 +20,28 @@
 // Shared memory is static and padded, so no read, even a vectorised one past the last live slot,
 // leaves the allocation. Launched on the current stream, no host sync, no launch for M = 0 or
 // K = 0: safe inside CUDA graph capture.
+//
+// On torch's stable ABI, like the CPU kernel (shuffle_mul_sum.h): the current stream comes from
+// aoti_torch_get_current_cuda_stream, device properties from cudaDeviceGetAttribute (cached).
+#ifndef USE_CUDA
+#define USE_CUDA  // declares the CUDA part of torch's C shim (aoti_torch_get_current_cuda_stream)
+#endif
 #include "shuffle_mul_sum.h"
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/accelerator.h>
+
+#include <cuda_runtime.h>
+
+// Device-side asserts stay on in every build: an out-of-range entry must stop the kernel.
+#undef NDEBUG
+#include <cassert>
 
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 
 namespace fused_moe_ops {
 namespace {
@@ -49,8 +60,8 @@ enum FloatKind : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 __device__ __forceinline__ float load_float(const void* f, int kind, int64_t off) {
   if (kind == kF32) return static_cast<const float*>(f)[off];
-  if (kind == kF16) return static_cast<float>(static_cast<const at::Half*>(f)[off]);
-  return static_cast<float>(static_cast<const at::BFloat16*>(f)[off]);
+  if (kind == kF16) return static_cast<float>(static_cast<const Half*>(f)[off]);
+  return static_cast<float>(static_cast<const BFloat16*>(f)[off]);
 }
 
 struct Params {
@@ -59,7 +70,7 @@ struct Params {
   int64_t rows;              // R
   const void* perm;          // nullptr: identity
   bool perm_is_int32;
-  int64_t perm_stride;
+  int64_t perm_stride_row, perm_stride_slot;  // entry (i, j) at perm[i * row + j * slot]
   const void* factors;
   int factor_kind;
   int64_t factor_stride0, factor_stride1;
@@ -94,14 +105,15 @@ __device__ __forceinline__ void stage_slots(const Params& P, int64_t i, int64_t 
     float w = 0.f;
     if (base + lane < chunk) {
       const int64_t pos = i * P.topk + j;
+      const int64_t perm_off = i * P.perm_stride_row + j * P.perm_stride_slot;
       if (!P.factors_per_row) {  // issued before the permutation load resolves: one round trip
         w = load_float(P.factors, P.factor_kind, i * P.factor_stride0 + j * P.factor_stride1);
       }
       if (P.perm == nullptr) {
         p = pos;
       } else {
-        p = P.perm_is_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(P.perm)[pos * P.perm_stride])
-                            : static_cast<const int64_t*>(P.perm)[pos * P.perm_stride];
+        p = P.perm_is_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(P.perm)[perm_off])
+                            : static_cast<const int64_t*>(P.perm)[perm_off];
       }
       const int64_t lowest = P.negative_index == kWrapNegative ? -P.rows : 0;
       const bool bad = p >= P.rows || (P.negative_index != kSkipNegative && p < lowest);
@@ -109,7 +121,7 @@ __device__ __forceinline__ void stage_slots(const Params& P, int64_t i, int64_t 
         printf("moe::shuffle_mul_sum: permutation[%lld] = %lld is out of range: input has %lld rows\n",
                static_cast<long long>(pos), static_cast<long long>(p), static_cast<long long>(P.rows));
       }
-      CUDA_KERNEL_ASSERT(!bad && "moe::shuffle_mul_sum: permutation entry out of range");
+      assert(!bad && "moe::shuffle_mul_sum: permutation entry out of range");
       if (bad) {
         p = -1;  // never read out of range, even where device asserts are compiled out
       } else if (p < 0 && P.negative_index == kWrapNegative) {
@@ -234,32 +246,58 @@ __global__ void __launch_bounds__(kMaxThreads) shuffle_mul_sum_kernel(const Para
 // Whether this library holds code for the current GPU (machine code for its arch, or PTX it can JIT):
 // a GPU older than every target (e.g. sm_75 against the default 8.0;9.0+PTX) has none, and a launch
 // would fail with CUDA's "no kernel image is available". Checked once per device.
-void check_device_has_code() {
-  constexpr int kMaxDevices = 64;
+[[noreturn]] void fail_cuda(const char* what, cudaError_t err) {
+  (void)cudaGetLastError();  // not sticky: clear it
+  fail(FMO_PREFIX, what, ": ", cudaGetErrorString(err));
+}
+
+int current_device() {
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) fail_cuda("cudaGetDevice", err);
+  return device;
+}
+
+constexpr int kMaxDevices = 64;
+
+// The current GPU's SM count, read once per device (cudaDeviceGetAttribute: no full property query).
+int64_t multiprocessor_count(int device) {
+  static std::atomic<int> cached[kMaxDevices];
+  if (device < kMaxDevices) {
+    const int known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int sms = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) fail_cuda("cudaDeviceGetAttribute", err);
+  if (device < kMaxDevices) cached[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+void check_device_has_code(int device) {
   static std::atomic<int> state[kMaxDevices];  // 0 unknown, 1 has code, 2 has none
-  const int device = c10::cuda::current_device();
   if (device < kMaxDevices && state[device].load(std::memory_order_relaxed) == 1) return;
   cudaFuncAttributes attr;
   const cudaError_t err = cudaFuncGetAttributes(&attr, shuffle_mul_sum_kernel<float, float, 1>);
   if (err != cudaSuccess) (void)cudaGetLastError();  // not sticky: clear it
   if (device < kMaxDevices) state[device].store(err == cudaSuccess ? 1 : 2, std::memory_order_relaxed);
   if (err == cudaSuccess) return;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(false, FMO_PREFIX "the CUDA kernel has no code for this GPU (", prop->name, ", sm_", prop->major,
-              prop->minor, "): ", cudaGetErrorString(err), ". Rebuild for it (TORCH_CUDA_ARCH_LIST=\"", prop->major, ".",
-              prop->minor, "\" before importing fused_moe_ops) or use the Triton kernel "
-              "(FUSED_MOE_OPS_CUDA_BACKEND=triton).");
+  cudaDeviceProp prop{};
+  (void)cudaGetDeviceProperties(&prop, device);
+  fail(FMO_PREFIX "the CUDA kernel has no code for this GPU (", prop.name, ", sm_", prop.major, prop.minor, "): ",
+       cudaGetErrorString(err), ". Rebuild for it (TORCH_CUDA_ARCH_LIST=\"", prop.major, ".", prop.minor,
+       "\" before importing fused_moe_ops) or use the Triton kernel (FUSED_MOE_OPS_CUDA_BACKEND=triton).");
 }
 
 inline bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 template <typename T>
 constexpr int kind_of() {
-  return std::is_same<T, float>::value ? kF32 : (std::is_same<T, at::Half>::value ? kF16 : kBF16);
+  return std::is_same<T, float>::value ? kF32 : (std::is_same<T, Half>::value ? kF16 : kBF16);
 }
 
 template <typename in_t, typename out_t>
-void launch(const Params& base, int64_t m) {
+void launch(const Params& base, int64_t m, int device) {
   constexpr int kVec = 16 / sizeof(in_t);  // 16-byte loads: 8 x bf16/fp16, 4 x fp32
   Params P = base;
   const bool vec_ok = P.k % kVec == 0 && P.input_row_stride % kVec == 0 && P.out_row_stride % kVec == 0 &&
@@ -268,7 +306,7 @@ void launch(const Params& base, int64_t m) {
   P.addend_vec = P.addend != nullptr && P.addend_kind == kind_of<in_t>() &&
                  (!vec_ok || (aligned(P.addend, 16) && P.addend_row_stride % kVec == 0));
   const int64_t vectors = (P.k + vec - 1) / vec;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = multiprocessor_count(device);
   // Decode (few tokens) is latency-bound: spread a row over many small blocks, down to one warp
   // each, until the grid has ~2 blocks per SM. Many tokens: full blocks, one per row.
   int threads = kMaxThreads;
@@ -279,35 +317,39 @@ void launch(const Params& base, int64_t m) {
   const int64_t want_slices = div_up(4 * sms, m);  // ~4 blocks per SM in all
   const int64_t slices = std::max<int64_t>(1, std::min<int64_t>({slices_needed, want_slices, 65535}));
   const dim3 grid(static_cast<unsigned>(m), static_cast<unsigned>(slices));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  void* stream_ptr = nullptr;
+  shim_check(aoti_torch_get_current_cuda_stream(device, &stream_ptr), "aoti_torch_get_current_cuda_stream");
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (vec_ok) {
     shuffle_mul_sum_kernel<in_t, out_t, kVec><<<grid, threads, 0, stream>>>(P);
   } else {
     shuffle_mul_sum_kernel<in_t, out_t, 1><<<grid, threads, 0, stream>>>(P);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) fail(FMO_PREFIX "CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-int float_kind(at::ScalarType t) { return t == at::kFloat ? kF32 : (t == at::kHalf ? kF16 : kBF16); }
+int float_kind(ScalarType t) { return t == ScalarType::Float ? kF32 : (t == ScalarType::Half ? kF16 : kBF16); }
 
-void combine_cuda(const at::Tensor& input, const std::optional<at::Tensor>& permutation, const at::Tensor& factors,
-                  const CombineShape& s, const CombineOptions& o, at::Tensor& dst) {
-  TORCH_CHECK(input.is_cuda(), FMO_PREFIX "the CUDA kernel got input on ", input.device());
-  TORCH_CHECK(s.m <= std::numeric_limits<int32_t>::max(), FMO_PREFIX "M must be < 2^31, got ", s.m);
+void combine_cuda(const Tensor& input, const PermLayout& perm, const Tensor& factors, const CombineShape& s,
+                  const CombineOptions& o, Tensor& dst) {
+  const Place where = place_of(input);
+  FMO_CHECK(where.type == aoti_torch_device_type_cuda(), FMO_PREFIX "the CUDA kernel got input on ", place_str(where));
+  FMO_CHECK(s.m <= std::numeric_limits<int32_t>::max(), FMO_PREFIX "M must be < 2^31, got ", s.m);
   if (s.m == 0 || s.k == 0) return;
-  const at::cuda::OptionalCUDAGuard guard(input.device());
-  check_device_has_code();
+  const torch::stable::accelerator::DeviceGuard guard(where.index);
+  const int device = where.index;
+  check_device_has_code(device);
   Params P{};
   P.input = input.data_ptr();
   P.input_row_stride = input.stride(0);
   P.rows = s.rows;
-  if (permutation.has_value()) {
-    P.perm = permutation->data_ptr();
-    P.perm_is_int32 = permutation->scalar_type() == at::kInt;
-    P.perm_stride = permutation->stride(0);
-  }
+  P.perm = perm.data;
+  P.perm_is_int32 = perm.is_int32;
+  P.perm_stride_row = perm.stride_row;
+  P.perm_stride_slot = perm.stride_slot;
   P.factors = factors.data_ptr();
-  P.factor_kind = float_kind(factors.scalar_type());
+  P.factor_kind = float_kind(dtype_of(factors));
   P.factor_stride0 = factors.stride(0);
   P.factor_stride1 = factors.dim() > 1 ? factors.stride(1) : 0;
   P.factors_per_row = o.factors_per_row;
@@ -315,31 +357,47 @@ void combine_cuda(const at::Tensor& input, const std::optional<at::Tensor>& perm
   P.factor_round = static_cast<int>(o.factor_round);
   P.scale = o.scale;
   if (o.row_mask.has_value()) {
-    P.row_mask = o.row_mask->data_ptr<bool>();
+    P.row_mask = static_cast<const bool*>(o.row_mask->data_ptr());
     P.row_mask_stride = o.row_mask->stride(0);
   }
   if (o.addend.has_value()) {
     P.addend = o.addend->data_ptr();
-    P.addend_kind = float_kind(o.addend->scalar_type());
-    P.addend_row_stride = o.addend->stride(0);
+    P.addend_kind = float_kind(dtype_of(*o.addend));
+    P.addend_row_stride = addend_row_stride(*o.addend);
   }
   P.out = dst.data_ptr();
   P.out_row_stride = dst.stride(0);
   P.topk = s.topk;
   P.k = s.k;
-  dispatch_float(input.scalar_type(), [&](auto in_tag) {
-    dispatch_float(dst.scalar_type(), [&](auto out_tag) {
-      launch<typename decltype(in_tag)::type, typename decltype(out_tag)::type>(P, s.m);
+  dispatch_float(dtype_of(input), [&](auto in_tag) {
+    dispatch_float(dtype_of(dst), [&](auto out_tag) {
+      launch<typename decltype(in_tag)::type, typename decltype(out_tag)::type>(P, s.m, device);
     });
   });
 }
 
+Tensor functional(Tensor input, std::optional<Tensor> permutation, Tensor factors,
+                  std::optional<ScalarType> out_dtype) {
+  return shuffle_mul_sum_functional<combine_cuda>(input, permutation, factors, out_dtype);
+}
+
+Tensor out_variant(Tensor input, std::optional<Tensor> permutation, Tensor factors, Tensor out) {
+  return shuffle_mul_sum_out<combine_cuda>(input, permutation, factors, out);
+}
+
+Tensor fused(Tensor input, std::optional<Tensor> permutation, Tensor factors, std::optional<ScalarType> out_dtype,
+             int64_t negative_index, int64_t factor_round, double scale, std::optional<Tensor> addend,
+             std::optional<Tensor> row_mask) {
+  return shuffle_mul_sum_fused<combine_cuda>(input, permutation, factors, out_dtype, negative_index, factor_round,
+                                             scale, addend, row_mask);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe, CUDA, m) {
-  m.impl("shuffle_mul_sum", &shuffle_mul_sum_functional<combine_cuda>);
-  m.impl("shuffle_mul_sum.out", &shuffle_mul_sum_out<combine_cuda>);
-  m.impl("_shuffle_mul_sum_fused", &shuffle_mul_sum_fused<combine_cuda>);
+STABLE_TORCH_LIBRARY_IMPL(moe, CUDA, m) {
+  m.impl("shuffle_mul_sum", TORCH_BOX(&functional));
+  m.impl("shuffle_mul_sum.out", TORCH_BOX(&out_variant));
+  m.impl("_shuffle_mul_sum_fused", TORCH_BOX(&fused));
 }
 
 }  // namespace fused_moe_ops

@@ -105,7 +105,7 @@ def collect() -> Dict[str, Any]:
     import torch
 
     import fused_moe_ops
-    from fused_moe_ops import _build, _registry
+    from fused_moe_ops import _registry, build as _build
 
     try:
         import triton

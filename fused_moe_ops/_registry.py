@@ -5,7 +5,7 @@
           kernel (fused_moe_ops/triton_kernel.py); if Triton is missing, the reference.
           FUSED_MOE_OPS_CUDA_BACKEND=cuda|triton|reference forces one. Where no GPU is visible no CUDA
           tensor can reach the op: the CUDA key gets the reference, and neither the CUDA library nor
-          Triton is loaded (both cost import time), unless asked for (_build.py).
+          Triton is loaded (both cost import time), unless asked for (build).
     Meta / FakeTensor: ops.py's fake.
 
 A fallback is announced with one warning that says why (the compiler's full message is in
@@ -19,7 +19,7 @@ from typing import Dict, Optional
 
 import torch
 
-from . import _build
+from . import build as _build
 from .ops import FUSED_OP_NAME, QUALNAME, _lib, check_args, check_out
 from .reference import shuffle_mul_sum_fused_reference, shuffle_mul_sum_reference, shuffle_mul_sum_reference_out
 
@@ -31,34 +31,58 @@ FALLBACK_REASONS: Dict[str, str] = {}
 
 
 class _NoBackward(torch.autograd.Function):
-    """Python twin of C++'s autogradNotImplementedFallback, for when the CPU library is absent."""
+    """An inference op's autograd: forward runs the op below autograd; backward raises (what C++'s
+    autogradNotImplementedFallback does; the stable ABI has none, so it is registered from here)."""
 
     @staticmethod
-    def forward(ctx, input, permutation, factors, out_dtype):
+    def forward(ctx, op, *args):
         with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.moe.shuffle_mul_sum.default(input, permutation, factors, out_dtype)
+            return op(*args)
 
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(f"derivative for {QUALNAME} is not implemented (it is an inference op)")
 
 
-def _autograd_fallback(input, permutation, factors, out_dtype=None):
-    return _NoBackward.apply(input, permutation, factors, out_dtype)
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def _autograd_fallback_out(input, permutation, factors, *, out):
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, permutation, factors)
-    )
-    if not needs_grad:
+def _autograd_functional(input, permutation, factors, out_dtype=None):
+    op = torch.ops.moe.shuffle_mul_sum.default
+    if _needs_grad(input, permutation, factors):
+        return _NoBackward.apply(op, input, permutation, factors, out_dtype)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(input, permutation, factors, out_dtype)
+
+
+def _autograd_out(input, permutation, factors, *, out):
+    if not _needs_grad(input, permutation, factors):
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.moe.shuffle_mul_sum.out(input, permutation, factors, out=out)
-    # Route through _NoBackward so that `out` carries a grad_fn whose backward raises, as the
-    # C++ autogradNotImplementedFallback does for the compiled library.
+    # Through _NoBackward so that `out` carries a grad_fn whose backward raises.
     m, _, k = check_args(input, permutation, factors, None)
     check_out(out, input, m, k)
-    return out.copy_(_NoBackward.apply(input, permutation, factors, out.dtype))
+    return out.copy_(_NoBackward.apply(torch.ops.moe.shuffle_mul_sum.default, input, permutation, factors, out.dtype))
+
+
+def _autograd_fused(input, permutation, factors, out_dtype=None, negative_index=0, factor_round=0, scale=1.0,
+                    addend=None, row_mask=None):
+    op = getattr(torch.ops.moe, FUSED_OP_NAME).default
+    args = (input, permutation, factors, out_dtype, negative_index, factor_round, scale, addend, row_mask)
+    if _needs_grad(input, permutation, factors, addend):
+        return _NoBackward.apply(op, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _register_autograd() -> None:
+    """No derivative (an inference op), for every device and every kernel: forward runs under
+    autograd, backward raises "derivative for moe::shuffle_mul_sum is not implemented". A call whose
+    inputs need no grad (inference, torch.no_grad) costs one Python frame."""
+    _lib.impl("shuffle_mul_sum", _autograd_functional, "Autograd")
+    _lib.impl("shuffle_mul_sum.out", _autograd_out, "Autograd")
+    _lib.impl(FUSED_OP_NAME, _autograd_fused, "Autograd")
 
 
 def _short(msg: str, limit: int = 300) -> str:
@@ -84,8 +108,6 @@ def _setup_cpu() -> None:
     reason = result.skipped or _short(result.error or "unknown error")
     FALLBACK_REASONS["cpu"] = reason
     _register_python("CPU", _reference_functional, shuffle_mul_sum_reference_out)
-    _lib.impl("shuffle_mul_sum", _autograd_fallback, "Autograd")
-    _lib.impl("shuffle_mul_sum.out", _autograd_fallback_out, "Autograd")
     ACTIVE["cpu"] = "reference"
     if not result.skipped:
         warnings.warn(
@@ -147,5 +169,6 @@ def setup() -> None:
     if _DONE:
         return
     _DONE = True
+    _register_autograd()
     _setup_cpu()
     _setup_cuda()

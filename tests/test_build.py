@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import fused_moe_ops
-from fused_moe_ops import _build, _registry
+from fused_moe_ops import _registry, build as _build
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,16 +52,65 @@ def test_cpu_kernel_is_the_native_one():
     assert _kernel_registered("CPU")
     # The CPU registration comes from our C++ source, not from a Python fallback.
     assert "shuffle_mul_sum_cpu.cpp" in torch._C._dispatch_dump("moe::shuffle_mul_sum")
-    # The library says which copy of the kernel it runs: the JIT build's is the host's ISA.
-    if result.origin != "wheel":
+    # The library says which copy of the kernel it runs: the host's widest, unless capped.
+    if not os.environ.get("ATEN_CPU_CAPABILITY"):
         assert result.isa == _build.cpu_isa().upper()
+
+
+def _undefined_symbols(library: str):
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm here")
+    out = subprocess.run([nm, "-D", "--undefined-only", library], capture_output=True, text=True, check=True).stdout
+    return [line.split()[-1] for line in out.splitlines() if line.strip()]
+
+
+def test_cpu_library_uses_only_the_stable_abi():
+    """What makes one build serve every torch from 2.10 on: the library calls torch only through its
+    C shim (aoti_torch_*, torch_*), never a C++ symbol of libtorch / c10 (whose ABI changes with
+    every release), and it was compiled for torch 2.10's stable ABI."""
+    result = _build.RESULTS["cpu"]
+    assert "-DTORCH_TARGET_VERSION=0x020a000000000000" in result.flags
+    torch_cxx = [s for s in _undefined_symbols(result.library) if s.startswith(("_ZN3c10", "_ZN2at", "_ZN5torch"))]
+    assert torch_cxx == [], torch_cxx[:20]
+    shims = [s for s in _undefined_symbols(result.library) if s.startswith(("aoti_torch_", "torch_"))]
+    assert "torch_parallel_for" in shims and "aoti_torch_empty_strided" in shims, shims
+
+
+ISA_PROBE = """
+    import json, torch, fused_moe_ops
+    from fused_moe_ops import build as _build
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for m, topk, k in ((5, 3, 97), (2, 8, 4160), (1, 2, 64)):
+            x = torch.randn(m * topk + 3, k, generator=g).to(dtype)
+            p = torch.randint(-1, m * topk + 3, (m * topk,), generator=g)
+            w = torch.rand(m, topk, generator=g).to(dtype)
+            got = torch.ops.moe.shuffle_mul_sum(x, p, w).double()
+            rows = x.double()[p.clamp(min=0)] * (p >= 0).double().unsqueeze(1)  # float64 reference
+            want = (rows.view(m, topk, k) * w.double().view(m, topk, 1)).sum(1)
+            worst = max(worst, ((got - want).abs() / (want.abs() + 1e-3)).max().item())
+    print(json.dumps({"isa": _build.RESULTS["cpu"].isa, "worst_rel": worst}))
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_aten_cpu_capability_caps_the_kernel_copy(capability):
+    """One library, one copy per ISA: ATEN_CPU_CAPABILITY picks a narrower one (as it does for ATen's
+    own kernels), and that copy is correct too (a float32 accumulator: rounding of the output only)."""
+    if _build.cpu_isa() == "default" and capability != "default":
+        pytest.skip("this CPU has no AVX2")
+    info = _last_json(_python(ISA_PROBE, cwd=str(ROOT), env=dict(os.environ, ATEN_CPU_CAPABILITY=capability)))
+    assert info["isa"] == capability.upper(), info
+    assert info["worst_rel"] < 2 ** -7, info
 
 
 # --- CUDA: compiled on request, here without a GPU ------------------------------------------------
 
 CUDA_PROBE = """
     import json, torch, fused_moe_ops
-    from fused_moe_ops import _build, _registry
+    from fused_moe_ops import _registry, build as _build
     r = _build.RESULTS["cuda"]
     print(json.dumps({"ok": r.ok, "error": r.error, "skipped": r.skipped, "library": r.library,
                       "active": _registry.ACTIVE.get("cuda"),
@@ -119,7 +168,7 @@ def test_cuda_not_built_on_import_without_gpu():
 LOAD_PROBE = """
     import json, sys
     import fused_moe_ops
-    from fused_moe_ops import _build
+    from fused_moe_ops import build as _build
     r = _build.RESULTS["cpu"]
     print(json.dumps({"ok": r.ok, "built_now": r.built_now, "origin": r.origin, "library": r.library,
                       "build_dir": r.build_dir, "package": fused_moe_ops.__file__,
@@ -173,7 +222,7 @@ def test_two_checkouts_share_one_build_and_never_rebuild_each_other(tmp_path):
 
 def test_build_dir_changes_when_sources_change(tmp_path):
     src = _build.csrc_dir() / "shuffle_mul_sum_cpu.cpp"
-    flags = _build.cpu_flags(_build.cpu_isa())
+    flags = _build.cpu_flags()
     tag = _build._tag("cpu", [src], flags)
     assert tag == _build._tag("cpu", [src], flags)  # deterministic
     copy = tmp_path / "shuffle_mul_sum_cpu.cpp"
@@ -190,7 +239,7 @@ def test_build_dir_changes_when_sources_change(tmp_path):
 RANK = """
     import sys, time
     from pathlib import Path
-    from fused_moe_ops import _build
+    from fused_moe_ops import build as _build
     build_dir, rank, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     (build_dir.parent / f"ready.{rank}").touch()
     while len(list(build_dir.parent.glob("ready.*"))) < n:  # start together, like the ranks of a job

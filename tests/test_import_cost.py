@@ -35,7 +35,7 @@ def test_import_pulls_no_heavy_module():
         import json, sys
         before = set(sys.modules)
         import fused_moe_ops
-        from fused_moe_ops import _build
+        from fused_moe_ops import build as _build
         r = _build.RESULTS["cpu"]
         print(json.dumps({"heavy": [m for m in %r if m in sys.modules], "cpu_ok": r.ok, "built_now": r.built_now,
                           "pending": fused_moe_ops.fusion.install_pending(),

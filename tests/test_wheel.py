@@ -1,12 +1,13 @@
-"""The prebuilt wheel: installed into a clean virtual environment with no compiler
-reachable and an empty build cache, it serves the op from the compiled kernels inside it and builds
-nothing.
+"""The prebuilt wheel: one cp310-abi3 wheel, its kernels on torch's stable ABI, installed into a clean
+virtual environment with no compiler reachable and an empty build cache, serves the op from the
+compiled kernels inside it and builds nothing, under any torch from 2.10 on.
 
-Needs the wheel: FUSED_MOE_OPS_WHEEL=dist/fused_moe_ops-*.whl (.ci/run builds it with
-`pip wheel . --no-deps --no-build-isolation -w dist/` and then runs this file). Without it the
-tests skip. The clean environment gets torch (the version this process runs, as the
-wheel requires) from the package index (or is FUSED_MOE_OPS_WHEEL_VENV, a fresh venv with only torch
-in it), then the wheel; every check runs there with PATH holding
+Needs the wheel: FUSED_MOE_OPS_WHEEL=dist/fused_moe_ops-*.whl (.ci/run builds it once, with
+`pip wheel . --no-deps --no-build-isolation -w dist/` against torch 2.14.1, and runs this file once per
+clean venv: torch 2.14.1 and torch 2.13.0). Without it the tests skip. The clean environment is
+FUSED_MOE_OPS_WHEEL_VENV (a fresh venv with only torch in it: any version the wheel allows), or
+else a new venv with the torch this process runs, from the package index; then the wheel goes in;
+every check runs there with PATH holding
 no compiler and no ninja, CC/CXX=/bin/false, HOME and FUSED_MOE_OPS_CACHE empty temporary
 directories, and a working directory outside the checkout.
 """
@@ -94,20 +95,33 @@ def _report(clean, **extra_env) -> dict:
     return json.loads(_run(clean, ["-m", "fused_moe_ops", "--json"], **extra_env).stdout)
 
 
-def test_wheel_contents_and_pin(wheel):
+def _venv_torch(clean) -> dict:
+    out = _run(clean, ["-c", "import json, torch; print(json.dumps({'version': torch.__version__, "
+                             "'cuda': torch.version.cuda}))"])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_wheel_is_abi3_and_requires_torch_2_10(wheel):
+    """One wheel for CPython >= 3.10 and torch >= 2.10: the libraries use no Python API (abi3) and
+    only torch's stable ABI, compiled for 2.10."""
+    assert "-cp310-abi3-" in wheel.name, wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     libs = [n for n in names if n.startswith("fused_moe_ops/_C_") and n.endswith(".so")]
-    assert any("_C_cpu" in n for n in libs), names
+    assert "fused_moe_ops/_C_cpu.abi3.so" in libs, libs
     assert "fused_moe_ops/_prebuilt.json" in names
-    assert "fused_moe_ops/csrc/shuffle_mul_sum_cpu.cpp" in names  # the JIT path for another torch
+    assert "fused_moe_ops/csrc/shuffle_mul_sum_cpu.cpp" in names  # the JIT path where the library cannot serve
     manifest = json.loads(zipfile.ZipFile(wheel).read("fused_moe_ops/_prebuilt.json"))
-    assert manifest["torch"] == torch.__version__
+    assert manifest["min_torch"] == "2.10"
     assert manifest["libraries"]["cpu"]["isas"] == ["DEFAULT", "AVX2", "AVX512"]
+    assert "-DTORCH_TARGET_VERSION=0x020a000000000000" in manifest["libraries"]["cpu"]["flags"]
     if torch.version.cuda:  # a CUDA torch with nvcc (the CI machine) must give a wheel with the CUDA kernel
-        assert any("_C_cuda" in n for n in libs), (libs, manifest.get("not_built"))
+        assert "fused_moe_ops/_C_cuda.abi3.so" in libs, (libs, manifest.get("not_built"))
+        assert manifest["libraries"]["cuda"]["cuda"].split(".")[0] == torch.version.cuda.split(".")[0]
     metadata = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
-    assert f"Requires-Dist: torch=={torch.__version__.split('+')[0]}" in metadata, metadata
-    print(f"wheel {wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB")
+    metadata = metadata.split("\n\n", 1)[0]  # the headers, not the README after them
+    assert "Requires-Dist: torch>=2.10" in metadata, metadata
+    assert "Requires-Dist: torch==" not in metadata, metadata
+    print(f"wheel {wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB, built with torch {manifest['built_with_torch']}")
 
 
 def test_no_compiler_reachable(clean):
@@ -132,7 +146,7 @@ SMOKE = r"""
 import json, os, sys
 import torch
 import fused_moe_ops
-from fused_moe_ops import _build
+from fused_moe_ops import build as _build
 
 def combine64(x, perm, w):
     m, topk = w.shape
@@ -188,7 +202,7 @@ c_map = torch.randperm(m * topk, generator=g)
 w = torch.rand(m, topk, generator=g)
 out = torch.compile(combine, fullgraph=True)(c2, c_map, w, m, topk, k)
 ok = torch.allclose(out, combine(c2, c_map, w, m, topk, k), rtol=1e-5, atol=1e-5)
-r = fused_moe_ops._build.RESULTS["cpu"]
+r = fused_moe_ops.build.RESULTS["cpu"]
 print(json.dumps({"stats": fused_moe_ops.fusion_stats(), "close": bool(ok), "origin": r.origin,
                   "built_now": r.built_now}))
 """
@@ -207,35 +221,71 @@ def test_fusion_pass_fires_with_the_installed_wheel(clean):
     assert list(cache.iterdir()) == []
 
 
-def test_cuda_library_in_the_wheel_loads_without_a_toolkit(clean):
+def test_cuda_library_in_the_wheel_loads_without_a_toolkit(clean, wheel):
     _, _, package, cache, _ = clean
-    if not torch.version.cuda:
-        pytest.skip("CPU-only torch: no CUDA library in the wheel")
+    manifest = json.loads(zipfile.ZipFile(wheel).read("fused_moe_ops/_prebuilt.json"))
+    if "cuda" not in manifest["libraries"]:
+        pytest.skip("no CUDA library in the wheel (built against a CPU-only torch)")
+    venv_cuda = _venv_torch(clean)["cuda"]
+    if not venv_cuda or venv_cuda.split(".")[0] != manifest["libraries"]["cuda"]["cuda"].split(".")[0]:
+        pytest.skip(f"the clean venv's torch is not a CUDA {manifest['libraries']['cuda']['cuda']} build "
+                    f"(torch.version.cuda = {venv_cuda}): the wheel's CUDA library does not serve it")
     info = _report(clean, FUSED_MOE_OPS_BUILD_CUDA="1")
     cuda = info["builds"]["cuda"]
     assert cuda["state"] == "ok" and cuda["origin"] == "wheel" and cuda["built_now"] is False, cuda
     assert Path(cuda["library"]).parent == package
     assert info["active"]["cuda"] == "cuda"
     assert list(cache.iterdir()) == []
-    targets = _run(clean, ["-c", "import sys; from fused_moe_ops import _build; "
+    targets = _run(clean, ["-c", "import sys; from fused_moe_ops import build as _build; "
                                  f"print(_build.fatbin_targets({cuda['library']!r}))"]).stdout.strip()
     assert targets == "['sm_80', 'sm_90', 'compute_90']"
 
 
-def test_library_built_for_another_torch_is_not_loaded(clean, tmp_path):
-    """The wheel requires its torch; installed anyway next to another one (--no-deps), its libraries
-    are not loaded (another C++ ABI) and the JIT build takes over: here, with no compiler, the
-    reference fallback, with the reason in the report."""
+def test_library_for_a_newer_torch_is_not_loaded(clean, tmp_path):
+    """The stable ABI holds forward only: a library whose manifest names a newer minimum torch than
+    the installed one is not loaded (it may call shims this torch lacks) and the JIT build takes
+    over: here, with no compiler, the reference fallback, with the reason in the report."""
     _, _, package, _, _ = clean
     manifest_path = package / "_prebuilt.json"
     original = manifest_path.read_text()
     manifest = json.loads(original)
-    manifest["torch"] = "2.0.0"
+    manifest["min_torch"] = "99.0"
     manifest_path.write_text(json.dumps(manifest))
     try:
         info = _report(clean, FUSED_MOE_OPS_CACHE=str(tmp_path / "cache"))  # the JIT attempt's build dir
     finally:
         manifest_path.write_text(original)
     cpu = info["builds"]["cpu"]
-    assert cpu["origin"] != "wheel" and "built against torch 2.0.0" in (cpu["note"] or ""), cpu
+    assert cpu["origin"] != "wheel" and "needs torch >= 99.0" in (cpu["note"] or ""), cpu
     assert info["active"]["cpu"] == "reference"
+
+
+AOTI = r"""
+import json, os, sys, torch, fused_moe_ops
+
+class Combine(torch.nn.Module):
+    def forward(self, x, perm, w):
+        return torch.ops.moe.shuffle_mul_sum(x, perm, w) * 2.0
+
+g = torch.Generator().manual_seed(2)
+x, perm, w = torch.randn(24, 80, generator=g), torch.randperm(24, generator=g), torch.rand(6, 4, generator=g)
+ep = torch.export.export(Combine(), (x, perm, w))
+path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(sys.argv[1], "combine.pt2"))
+runner = torch._inductor.aoti_load_package(path)
+got = runner(x, perm, w)
+want = fused_moe_ops.reference.shuffle_mul_sum_reference(x, perm, w) * 2.0
+r = fused_moe_ops.build.RESULTS["cpu"]
+print(json.dumps({"close": bool(torch.allclose(got, want, rtol=1e-5, atol=1e-5)), "origin": r.origin,
+                  "torch": torch.__version__}))
+"""
+
+
+def test_aoti_package_calls_the_wheel_kernel(clean, tmp_path):
+    """AOTInductor compiles a graph holding the op into a package and runs it, the op served by the
+    wheel's library (the generated C++ calls it through the dispatcher). AOTInductor compiles C++
+    itself, so this check sees the system compiler; fused_moe_ops still builds nothing."""
+    _, _, _, cache, _ = clean
+    out = _run(clean, ["-c", AOTI, str(tmp_path)], PATH="/usr/bin:/bin", CXX="g++", CC="gcc")
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["close"] and info["origin"] == "wheel", info
+    assert list(cache.iterdir()) == []

@@ -25,7 +25,7 @@ def cpu_name() -> str:
         pass
     isa = ""
     try:
-        from fused_moe_ops._build import cpu_isa
+        from fused_moe_ops.build import cpu_isa
 
         isa = cpu_isa()
     except Exception:  # noqa: BLE001

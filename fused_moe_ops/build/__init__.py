@@ -1,15 +1,19 @@
 """How the native kernels get into the process: from the wheel, from the build cache, or compiled now.
+``python -m fused_moe_ops.build`` builds them ahead of time.
 
-Two independent libraries, so that a failing CUDA build never costs the CPU kernel:
+Two independent libraries, so that a failing CUDA build never costs the CPU kernel. Both are written
+on torch's stable ABI (_kernel_spec.py), so one build serves every torch from 2.10 on:
 
-* ``cpu``:  csrc/shuffle_mul_sum_cpu.cpp. The wheel carries one library with a DEFAULT, an AVX2 and
-  an AVX-512 copy of the kernel and picks one when it loads; the JIT build compiles the host's ISA.
+* ``cpu``:  csrc/shuffle_mul_sum_cpu.cpp: one library with a DEFAULT, an AVX2 and an AVX-512 copy of
+  the kernel; it picks one when it loads (ATEN_CPU_CAPABILITY caps it). The wheel and the JIT build
+  compile the same file with the same flags.
 * ``cuda``: csrc/shuffle_mul_sum_cuda.cu, for sm_80 and sm_90 (+ PTX), when torch is a CUDA build.
 
 Order, per library (``build_cpu`` / ``build_cuda``):
 
-1. a library built into the installed wheel (``_prebuilt.json`` beside it names the torch it was built
-   against; another torch falls through to 2), loaded with ``torch.ops.load_library``;
+1. a library built into the installed wheel (``_prebuilt.json`` beside it names the oldest torch it
+   serves and, for CUDA, the CUDA major version it was built with; a torch outside that falls
+   through to 2), loaded with ``torch.ops.load_library``;
 2. the JIT build cache: a directory named by a hash of (sources, flags, torch version, Python version,
    CPU ISA), under ``$FUSED_MOE_OPS_CACHE`` or ``~/.cache/fused_moe_ops``. A finished build is loaded
    directly: no ninja run, no ``torch.utils.cpp_extension`` import. The sources are copied into the
@@ -45,10 +49,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import _kernel_spec as spec
+from .. import _kernel_spec as spec
 
 DEFAULT_CUDA_ARCH_LIST = spec.DEFAULT_CUDA_ARCH_LIST
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # fused_moe_ops/
 
 
 @dataclasses.dataclass
@@ -82,7 +86,8 @@ def cache_root() -> Path:
 
 
 def cpu_isa() -> str:
-    """The widest x86 vector ISA that both this CPU and at::vec support (what the JIT build targets)."""
+    """The widest x86 vector ISA this CPU supports, as /proc/cpuinfo tells (the copy the CPU library
+    picks unless ATEN_CPU_CAPABILITY caps it)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return "default"
     try:
@@ -101,8 +106,8 @@ def cpu_isa() -> str:
     return "default"
 
 
-def cpu_flags(isa: str) -> List[str]:
-    return spec.CPU_COMMON_FLAGS + spec.CPU_ISAS[isa.upper()]
+def cpu_flags() -> List[str]:
+    return list(spec.CPU_FLAGS)
 
 
 def gpu_visible() -> bool:
@@ -246,10 +251,17 @@ def _load_prebuilt(kind: str, result: BuildResult) -> bool:
     if not entry:
         return False
     library = PACKAGE_DIR / entry["file"]
-    if manifest.get("torch") != torch.__version__:
-        # Built against another torch's C++ ABI: loading it could crash. Compile instead.
-        result.note = (f"the wheel's {kind} library was built against torch {manifest.get('torch')}, this is "
-                       f"torch {torch.__version__}; using the JIT build instead")
+    minimum = manifest.get("min_torch", manifest.get("torch", ""))
+    if spec.version_tuple(torch.__version__) < spec.version_tuple(minimum):
+        # The stable ABI holds forward only: a library targeting a newer torch may call shims this one lacks.
+        result.note = (f"the wheel's {kind} library needs torch >= {minimum}, this is torch {torch.__version__}; "
+                       "using the JIT build instead")
+        return False
+    built_cuda = entry.get("cuda")
+    if kind == "cuda" and built_cuda and str(torch.version.cuda).split(".")[0] != str(built_cuda).split(".")[0]:
+        # The CUDA runtime is linked by major version (libcudart.so.13): a cu12 torch cannot serve it.
+        result.note = (f"the wheel's CUDA library was built with CUDA {built_cuda}, this torch uses CUDA "
+                       f"{torch.version.cuda}; using the JIT build instead")
         return False
     if not library.is_file():
         result.note = f"the wheel's {kind} library {library} is missing; using the JIT build instead"
@@ -343,7 +355,7 @@ def build_cpu(verbose: bool = False) -> BuildResult:
     try:
         if not _load_prebuilt("cpu", result):
             sources = [csrc_dir() / s for s in spec.CPU_SOURCES]
-            _jit("cpu", sources, cpu_flags(cpu_isa()), [], [], result, _verbose(verbose))
+            _jit("cpu", sources, cpu_flags(), [], [], result, _verbose(verbose))
         torch.ops.moe.shuffle_mul_sum.default  # noqa: B018  (fails loudly if registration went wrong)
         result.isa = _library_isa(result.library)
     except Exception as e:  # noqa: BLE001 - any failure means "use the fallback", with the reason kept
