@@ -282,6 +282,25 @@ def check_float_rows(rows: Node, nrows: Optional[Any], k: Any) -> torch.Tensor:
     return v
 
 
+def split_weighted_rows(product: Node, nrows: Any, k: Any) -> Tuple[Node, Node, List[Node]]:
+    """``rows * weights`` in either order, rows (nrows, k) of a float dtype (lossless upcasts peeled)
+    and one float weight per row, (nrows, 1) -> (rows, weights, the peeled upcasts with one user)."""
+    why = "no operand pair is (rows, k) rows times (rows, 1) weights"
+    for y, w in ((product.args[0], product.args[1]), (product.args[1], product.args[0])):
+        try:
+            yv, wv = tensor_val(y), tensor_val(w)
+            require(same_shape(yv.shape, (nrows, k)), "rows broadcast")
+            require(same_shape(wv.shape, (nrows, 1)), f"weights of shape {tuple(wv.shape)} broadcast")
+            require(wv.dtype in FLOAT_DTYPES, f"weights dtype {wv.dtype}")
+            x, upcasts = peel_upcast(y)
+            check_float_rows(x, nrows, k)
+        except NoMatch as e:
+            why = str(e)
+            continue
+        return x, w, [u for u in upcasts if single_user(u)]
+    raise NoMatch(why)
+
+
 # Views that reorder or repeat elements: rows reached through one would be copied out for the op.
 _REORDERING_VIEWS = (aten.expand.default, aten.permute.default, aten.transpose.int, aten.t.default,
                      aten.slice.Tensor, aten.select.int, aten.as_strided.default)

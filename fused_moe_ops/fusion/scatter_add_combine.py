@@ -56,14 +56,13 @@ from ._match import (
     INDEX_DTYPES,
     NoMatch,
     aten,
-    check_float_rows,
     peel_factors,
-    peel_upcast,
     require,
     reshape_like,
     same,
     same_shape,
     single_user,
+    split_weighted_rows,
     static_int,
     tensor_val,
     val,
@@ -167,20 +166,8 @@ def _weighted_rows(src: Node, n: Any, k: Any) -> Tuple[Node, Node, List[Node]]:
     require(product.op == "call_function" and product.target is aten.mul.Tensor, "no weighting multiply")
     require(single_user(product), "the product has another user")
     walked.append(product)
-    why = "no operand pair is (n, k) rows times (n, 1) weights"
-    for y, w in ((product.args[0], product.args[1]), (product.args[1], product.args[0])):
-        try:
-            yv, wv = tensor_val(y), tensor_val(w)
-            require(same_shape(yv.shape, (n, k)), "rows broadcast")
-            require(same_shape(wv.shape, (n, 1)), f"weights of shape {tuple(wv.shape)} broadcast")
-            require(wv.dtype in FLOAT_DTYPES, f"weights dtype {wv.dtype}")
-            x, upcasts = peel_upcast(y)
-            check_float_rows(x, n, k)
-        except NoMatch as e:
-            why = str(e)
-            continue
-        return x, w, walked + [u for u in upcasts if single_user(u)]
-    raise NoMatch(why)
+    x, w, upcasts = split_weighted_rows(product, n, k)
+    return x, w, walked + upcasts
 
 
 def analyze(match: Match) -> Plan:

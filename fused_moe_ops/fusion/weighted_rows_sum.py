@@ -28,22 +28,19 @@ from ._common import FUSED_COMBINE, RESHAPES, Plan, negative_index_of, register,
 from ._match import (
     CONVERT,
     FLOAT_DTYPES,
-    NoMatch,
     absorbable_downcast,
     aten,
     as_gather,
-    check_float_rows,
     check_index,
     check_reduce_dim1,
     out_dtype_of,
     peel_factors,
     peel_rows,
-    peel_upcast,
     require,
     reshape_like,
     same,
-    same_shape,
     single_user,
+    split_weighted_rows,
     static_int,
     tensor_val,
 )
@@ -88,21 +85,9 @@ def analyze(match: Match) -> Plan:
     rows_count = pv.shape[0]
     if index is None:
         require(same(rows_count, m * topk), "rows != m * topk")
-    why = "no operand pair is (R, k) rows times (R, 1) weights"
-    for y, w in ((product.args[0], product.args[1]), (product.args[1], product.args[0])):
-        try:
-            yv, wv = tensor_val(y), tensor_val(w)
-            require(same_shape(yv.shape, (rows_count, k)), "rows broadcast")
-            require(same_shape(wv.shape, (rows_count, 1)), f"weights of shape {tuple(wv.shape)} broadcast")
-            require(wv.dtype in FLOAT_DTYPES, f"weights dtype {wv.dtype}")
-            x, upcasts = peel_upcast(y)
-            check_float_rows(x, rows_count, k)
-        except NoMatch as e:
-            why = str(e)
-            continue
-        return Plan(rows=x, index=index, weights=w, m=m, topk=topk, k=k, out_dtype=out_dtype,
-                    walked=walked + [n for n in upcasts if single_user(n)], wraps=wraps)
-    raise NoMatch(why)
+    x, w, upcasts = split_weighted_rows(product, rows_count, k)
+    return Plan(rows=x, index=index, weights=w, m=m, topk=topk, k=k, out_dtype=out_dtype,
+                walked=walked + upcasts, wraps=wraps)
 
 
 def rewrite(match: Match, plan: Plan) -> None:
