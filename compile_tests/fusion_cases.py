@@ -219,6 +219,17 @@ def hf_grouped_mm_combine(proj_out, top_k_weights, perm, residual, sentinel_mask
     return residual + final.to(residual.dtype).reshape(1, num_tokens, -1)
 
 
+def hf_grouped_mm_inputs(m: int, seed: int, dtype=torch.bfloat16):
+    """(proj_out, top_k_weights, perm, residual) for hf_grouped_mm_combine: m tokens, HF_TOPK slots."""
+    g = torch.Generator().manual_seed(seed)
+    s = m * HF_TOPK
+    proj_out = torch.randn(s, K, generator=g).to(dtype)
+    weights = torch.rand(m, HF_TOPK, generator=g).to(dtype)
+    perm = torch.randperm(s, generator=g)
+    residual = torch.randn(1, m, K, generator=g).to(dtype)
+    return proj_out, weights, perm, residual
+
+
 # ---------------------------------------------------------------- inputs and the float64 reference
 
 

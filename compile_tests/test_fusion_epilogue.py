@@ -10,8 +10,8 @@ from torch._inductor.utils import run_and_get_code
 
 import fused_moe_ops
 from fusion_cases import (
-    HF_TOPK, REWRITTEN, TOPK, assert_fused, check_accuracy, hf_grouped_mm_combine, kernel_launches, make_inputs,
-    reference64,
+    HF_TOPK, REWRITTEN, TOPK, assert_fused, check_accuracy, hf_grouped_mm_combine, hf_grouped_mm_inputs,
+    kernel_launches, make_inputs, reference64,
 )
 
 M, K = 5, 16
@@ -132,13 +132,9 @@ def test_consumer_left_alone(name):
 @pytest.mark.parametrize("sentinel", [False, True], ids=["transformers-5.24", "transformers-5.17-sentinel-mask"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_hf_grouped_mm_combine_is_one_launch(sentinel, dynamic):
-    m, dtype = 6, torch.bfloat16
-    g = torch.Generator().manual_seed(3)
+    m = 6
+    proj_out, weights, perm, residual = hf_grouped_mm_inputs(m, seed=3)
     s = m * HF_TOPK
-    proj_out = torch.randn(s, K, generator=g).to(dtype)
-    weights = torch.rand(m, HF_TOPK, generator=g).to(dtype)
-    perm = torch.randperm(s, generator=g)
-    residual = torch.randn(1, m, K, generator=g).to(dtype)
     args = [proj_out, weights, perm, residual]
     if sentinel:
         mask = torch.zeros(s, 1, dtype=torch.bool)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fused_moe_ops
-from fusion_cases import DTYPES, HF_TOPK, K, _TOL, hf_grouped_mm_combine
+from fusion_cases import DTYPES, HF_TOPK, K, _TOL, hf_grouped_mm_combine, hf_grouped_mm_inputs
 
 
 def _compiled(fn, dynamic, fusion: bool):
@@ -87,14 +87,9 @@ def test_masked_row_times_nonfinite_weight_stays_nan(bad, dtype, dynamic):
 def test_hf_grouped_mm_nan_weight_on_a_sentinel_row_stays_nan(dynamic):
     """HF transformers' spelling: the weight is applied per row after the sentinel mask, so a NaN
     weight on a sentinel row makes its token NaN in eager; the rewritten graph must agree."""
-    m, dtype = 4, torch.bfloat16
-    g = torch.Generator().manual_seed(5)
-    s = m * HF_TOPK
-    proj_out = torch.randn(s, K, generator=g).to(dtype)
-    weights = torch.rand(m, HF_TOPK, generator=g).to(dtype)
-    perm = torch.randperm(s, generator=g)
-    residual = torch.randn(1, m, K, generator=g).to(dtype)
-    mask = torch.zeros(s, 1, dtype=torch.bool)
+    m = 4
+    proj_out, weights, perm, residual = hf_grouped_mm_inputs(m, seed=5)
+    mask = torch.zeros(m * HF_TOPK, 1, dtype=torch.bool)
     sentinel = int(perm[5])  # slot 5 (token 1) reads this row: mask it and NaN its weight
     mask[sentinel] = True
     proj_out[sentinel] = float("nan")
