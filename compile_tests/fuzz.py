@@ -404,23 +404,30 @@ def check_end_to_end(p: Program, data_seed: int, force_decomposition: bool = Fal
     fn = p.fn()
     args = p.make_args(p.m, data_seed)
     eager = run(fn, args)
-    outcomes = {}
     fired = False
+
+    def compiled(on: bool) -> Outcome:
+        nonlocal fired
+        torch._dynamo.reset()
+        before = fused_moe_ops.fusion_stats()["rewrites"]
+        forced = {"test_configs.force_custom_op_decomposition": True} if on and force_decomposition else {}
+        with _fusion(on), inductor_config.patch(forced):
+            outcome = run(torch.compile(fn, dynamic=p.dynamic), args)
+        fired = fired or (on and fused_moe_ops.fusion_stats()["rewrites"] > before)
+        return outcome
+
     autotune_was = fused_moe_ops.fusion.set_autotune(True)
     try:
-        for on in (False, True):
-            torch._dynamo.reset()
-            before = fused_moe_ops.fusion_stats()["rewrites"]
-            forced = {"test_configs.force_custom_op_decomposition": True} if on and force_decomposition else {}
-            with _fusion(on), inductor_config.patch(forced):
-                outcomes[on] = run(torch.compile(fn, dynamic=p.dynamic), args)
-            fired = fired or (on and fused_moe_ops.fusion_stats()["rewrites"] > before)
+        got = compiled(True)
+        # Without the pass, Inductor's own differences from eager are not ours: they only decide the
+        # expected error type and stand in where Inductor accepts what eager refuses (see compare).
+        # Where eager returned and the pass's compile matches it, that compile cannot change the
+        # verdict, so it runs only where it can (about half the end-to-end time).
+        problem = None if eager.error is None and compare(got, eager, None, _scale(args), p.notes["topk"], _unit(args)) is None \
+            else compare(got, eager, compiled(False), _scale(args), p.notes["topk"], _unit(args))
     finally:
         fused_moe_ops.fusion.set_autotune(autotune_was)
-    torch._dynamo.reset()
-    # Without the pass, Inductor's own differences from eager are not ours: they only decide the
-    # expected error type and stand in where Inductor accepts what eager refuses (see compare).
-    problem = compare(outcomes[True], eager, outcomes[False], _scale(args), p.notes["topk"], _unit(args))
+        torch._dynamo.reset()
     findings = [Finding(p, "end-to-end", p.m, problem)] if problem else []
     return findings, fired
 
