@@ -10,7 +10,7 @@ from torch._inductor.utils import run_and_get_code
 
 import fused_moe_ops
 from fusion_cases import (
-    HF_TOPK, REWRITTEN, TOPK, assert_fused, check_accuracy, hf_grouped_mm_combine, hf_grouped_mm_inputs,
+    BY_NAME, HF_TOPK, REWRITTEN, TOPK, assert_fused, check_accuracy, hf_grouped_mm_combine, hf_grouped_mm_inputs,
     kernel_launches, make_inputs, reference64,
 )
 
@@ -192,4 +192,33 @@ def test_shared_expert_computed_after_the_combine_folds(dynamic):
     assert fused_moe_ops.fusion_stats()["by_pattern"] == {"gather_mul_sum": 1, "epilogue_add": 1}
     # the op, and the gated shared expert's pointwise kernel (its GEMMs are extern calls)
     assert kernel_launches("\n".join(codes))["op"] == 1
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+
+
+class SharedExpertThenResidual(SharedExpertAfterCombine):
+    """As in a decoder layer: the routed + shared sum, viewed back to (batch, seq, hidden), then the
+    residual add. Inductor computes the shared-expert add inside the residual add's kernel, so folding
+    it into the op would only move the op down (and reorder the graph Inductor fuses by)."""
+
+    def forward(self, x, idx, w, h, residual):
+        return residual + super().forward(x, idx, w, h).view(1, M, K)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_shared_expert_add_read_by_a_pointwise_op_stays_in_place(dynamic):
+    torch.manual_seed(0)
+    model = SharedExpertThenResidual()
+    x, idx, w = make_inputs(BY_NAME["seed"], M, torch.float32)
+    h, residual = torch.randn(M, K), torch.randn(1, M, K)
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(model, dynamic=dynamic), x, idx, w, h, residual)
+        eager = model(x, idx, w, h, residual)
+    assert fused_moe_ops.fusion_stats()["by_pattern"] == {"gather_mul_sum": 1}
+    launches = kernel_launches("\n".join(codes))
+    torch._dynamo.reset()
+    with fused_moe_ops.disable_fusion():
+        _, plain = run_and_get_code(torch.compile(model, dynamic=dynamic), x, idx, w, h, residual)
+    without = kernel_launches("\n".join(plain))
+    # the op, and one pointwise kernel for the gate, the two adds (Inductor's graph: one more for the combine)
+    assert launches["op"] == 1 and launches["generated"] <= without["generated"], (launches, without)
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)

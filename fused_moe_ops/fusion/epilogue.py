@@ -101,14 +101,31 @@ def _fold_add(op: Node, args: list, produced: Node, consumer: Node) -> None:
         require(pv.dim() > 2 and same_shape(av.shape, pv.shape) and same(pv.shape[-1], k),
                 "the addend is not the viewed result's shape")
     if _after(a, op):
-        # The addend is computed after the op (a shared expert): move the op, and its view, to just
-        # before the add. Their inputs all come before it; nothing else may read them in between.
+        # The addend is computed after the op (a shared expert): folding it moves the op, and its
+        # view, down to just before the add. That pays only where the add would be a kernel of its
+        # own. Where a pointwise op reads the sum (the residual add of a decoder layer), Inductor
+        # computes the add inside that op's kernel anyway, and the move only reorders the graph, which
+        # Inductor's fusion of unrelated kernels follows (Qwen2-MoE, 1 token: one kernel more).
+        require(not _read_pointwise(consumer), "a pointwise op reads the sum")
+        # Their inputs all come before the add; nothing else may read them in between.
         require(all(len(n.users) == 1 for n in {op, produced}), "the op's result has metadata users")
         consumer.prepend(op)
         if produced is not op:
             consumer.prepend(produced)
     args[_ARGS.index("addend")] = a
     _set_args(op, args)
+
+
+def _read_pointwise(n: Node) -> bool:
+    """Whether a pointwise op reads ``n``'s result, directly or through views."""
+    for u in n.users:
+        if u.op != "call_function":
+            continue
+        if u.target in RESHAPES and _read_pointwise(u):
+            return True
+        if torch.Tag.pointwise in getattr(u.target, "tags", ()):
+            return True
+    return False
 
 
 def _after(a: Node, b: Node) -> bool:
