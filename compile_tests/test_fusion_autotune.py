@@ -5,7 +5,8 @@
 * Compiled with each choice forced (``test_configs.force_custom_op_decomposition``), every spelling
   followed by a residual add gives eager's result; the generated code shows the winner (the op's
   call, or Inductor's kernel and no call).
-* Where Inductor cannot choose (autotuning off, dynamic tokens, deterministic mode) the op stays.
+* Where Inductor cannot choose (autotuning off, deterministic mode) the op stays; with the token count
+  dynamic, the static rule (policy.symbolic_size_choice) decides: on CPU the unrolled decomposition.
 * A second process with a warm FX graph cache gets the first process's choice.
 """
 from __future__ import annotations
@@ -262,16 +263,55 @@ def test_switch_and_preference_change_the_cache_key():
         fused_moe_ops.fusion.set_decomposition_preference(0)
 
 
-def test_dynamic_tokens_keep_the_op():
+def _dynamic_tokens(sp, ms=(6, 11), dtype=torch.bfloat16):
+    """One compile with the token count dynamic, run at two token counts: (code, [(out, eager, ref)])."""
+    fn = with_residual(sp)
+    compiled = torch.compile(fn, fullgraph=True)
+    code, runs = None, []
+    for m in ms:
+        inputs = make_inputs(sp, m, dtype)
+        residual = torch.randn(sp.fn(*inputs).shape).to(dtype)
+        for t in (*inputs, residual):
+            torch._dynamo.mark_dynamic(t, 0)
+        out, codes = run_and_get_code(compiled, *inputs, residual)
+        code = code or codes[-1]
+        runs.append((out, fn(*inputs, residual), reference64(sp, inputs) + residual.double()))
+    return code, runs
+
+
+@pytest.mark.parametrize("sp", [pytest.param(sp, id=sp.name) for sp in REWRITTEN
+                                if sp.name in ("seed", "bmm", "scatter_add_floordiv")])
+def test_dynamic_tokens_on_cpu_inline_the_unrolled_decomposition(sp):
+    # policy.symbolic_size_choice: no benchmark at one size for all; on CPU Inductor's own (unrolled)
+    # code, fused with the residual add, for every token count the compile serves.
+    code, runs = _dynamic_tokens(sp)
+    assert fused_moe_ops.fusion_stats()["rewrites"] >= 1
+    assert FUSED_CALL not in code, "a symbolic token count on CPU, yet the op is called"
+    assert "ks0" in code or "s0" in code, "the compile was not dynamic"
+    for out, eager, ref in runs:
+        check_accuracy(out, eager, ref)
+
+
+def test_dynamic_tokens_keep_the_op_where_the_decomposition_would_guard(capfd):
+    # weights_before_gather's token count is R // topk: the decomposition's strides ask whether it is
+    # below 2, a guard the compile may not add, so the op stays, quietly.
+    sp = next(s for s in REWRITTEN if s.name == "weights_before_gather")
+    code, runs = _dynamic_tokens(sp)
+    assert code.count(FUSED_CALL) == 1, code
+    for out, eager, ref in runs:
+        check_accuracy(out, eager, ref)
+    assert "evaluate_expr" not in capfd.readouterr().err
+
+
+def test_dynamic_tokens_keep_the_op_where_the_rule_says_op(monkeypatch):
+    from fused_moe_ops.fusion import policy
+
+    monkeypatch.setattr(policy, "symbolic_size_choice", lambda *a: "op")
     sp = next(s for s in REWRITTEN if s.name == "seed")
-    inputs = make_inputs(sp, 6, torch.float32)
-    residual = torch.randn(6, inputs[0].shape[1])
-    for t in (*inputs, residual):
-        torch._dynamo.mark_dynamic(t, 0)
-    with inductor_config.patch({"test_configs.force_custom_op_decomposition": True}):
-        out, codes = run_and_get_code(torch.compile(with_residual(sp), fullgraph=True), *inputs, residual)
-    code = codes[-1]
+    code, runs = _dynamic_tokens(sp, dtype=torch.float32)
     assert code.count(FUSED_CALL) == 1 and not generated_kernels(code), code
+    for out, eager, ref in runs:
+        check_accuracy(out, eager, ref)
 
 
 def test_deterministic_mode_keeps_the_op():

@@ -11,10 +11,11 @@ A decomposition is benchmarked alone, so what it gains by fusing is not in the c
 preference (``decomposition_preference``, default ``DEFAULT_PREFERENCE``) stands for it: the best
 decomposition is taken when its time is at most ``preference x`` the op's.
 
-Where Inductor cannot choose, the static rule ``policy.static_choice`` decides, and where that says
-"op" the op stays as it always did: a symbolic size (dynamic token count), AOTInductor (its
-decomposition cannot be benchmarked there), ``torch._inductor.config.deterministic`` (no benchmarking),
-torch < 2.12 (nothing is registered), or the autotuning switched off.
+Where a size is symbolic (the token count under dynamic shapes) a benchmark would time one token
+count for all of them: there the static rule ``policy.symbolic_size_choice`` names the decomposition
+to inline, or the op. Where Inductor cannot choose at all the op stays, as it always did: AOTInductor
+(its decomposition cannot be benchmarked there), ``torch._inductor.config.deterministic`` (no
+benchmarking), torch < 2.12 (nothing is registered), or the autotuning switched off.
 
 Switch: ``fused_moe_ops.fusion.set_autotune(False)`` or ``FUSED_MOE_OPS_AUTOTUNE=0``; preference:
 ``set_decomposition_preference(x)`` or ``FUSED_MOE_OPS_DECOMPOSITION_PREFERENCE=x``. Both are part
@@ -225,17 +226,22 @@ def why_not_autotuned(named: dict) -> Optional[str]:
         return "AOTInductor (a decomposition cannot be benchmarked there)"
     if inductor_config.deterministic:
         return "torch._inductor.config.deterministic (no benchmarking)"
+    sizes = _sizes(named)
+    if sizes is None:
+        return SYMBOLIC
     present = [named.get(n) is not None for n in TENSOR_ARGS]
     if present != sorted(present, reverse=True):
         # The benchmark calls the twin with the given tensors positional: an absent one ahead of a
         # given one (the identity permutation; a row mask without an addend) cannot be expressed.
         return "an absent tensor argument ahead of a given one"
-    sizes = _sizes(named)
-    if sizes is None:
-        return "a symbolic size (the choice would be made once, at the size hint)"
     if 0 in sizes:
         return "an empty operand"
     return None
+
+
+# A benchmark would time one size (the hint) for every token count the graph serves: there the static
+# rule policy.symbolic_size_choice decides instead.
+SYMBOLIC = "a symbolic size (a benchmark would choose once, at the size hint)"
 
 
 _SCALARS = ("out_dtype", "negative_index", "factor_round", "scale")
@@ -250,6 +256,8 @@ def _lowering(*args: Any, **kwargs: Any):
 
     named = _named(args, kwargs)
     why = why_not_autotuned(named)
+    if why is SYMBOLIC:
+        return _lower_symbolic(named)
     if why is not None:
         log.debug("fused_moe_ops: the op stays (not benchmarked): %s", why)
         return None
@@ -278,6 +286,38 @@ def _lowering(*args: Any, **kwargs: Any):
         log.debug("fused_moe_ops: the op won the benchmark (m=%s topk=%s k=%s)", m, topk, k)
         return None
     log.debug("fused_moe_ops: %s won the benchmark (m=%s topk=%s k=%s): inlined", choice.name, m, topk, k)
+    return result
+
+
+def _lower_symbolic(named: dict):
+    """A combine with a symbolic size (the token count under dynamic shapes): the decomposition
+    ``policy.symbolic_size_choice`` names, inlined as IR without a benchmark, or None (the op stays)."""
+    from torch._inductor.kernel import custom_op
+
+    x, factors = named["input"], named["factors"]
+    topk = _static((named["permutation"].get_size() if len(factors.get_size()) == 1 else factors.get_size())[1])
+    k = _static(x.get_size()[1])
+    device, dtype = x.get_device(), x.get_dtype()
+    choice = policy.symbolic_size_choice(device.type, topk, k, dtype)
+    lower = getattr(custom_op, "_lower_single_impl", None)
+    if choice == "op" or lower is None or (choice == "unrolled" and (topk is None or topk > MAX_UNROLLED_TOPK)):
+        log.debug("fused_moe_ops: the op stays (a symbolic size; policy.symbolic_size_choice: %s)", choice)
+        return None
+    tensors = [named[n] for n in TENSOR_ARGS if named.get(n) is not None]
+    kwargs = {n: named.get(n, DEFAULTS[n]) for n in _SCALARS}
+    kwargs.update({n: None for n in TENSOR_ARGS if named.get(n) is None})  # bind() reads absent ones by name
+    # Traced symbolically; None where the decomposition would add a guard on a size (a token count
+    # derived from another size, e.g. M = R // topk, where M < 2 cannot be ruled out): the op stays.
+    # That attempt is expected here, so the shape environment's warning about it is kept off stderr.
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    try:
+        result = lower(DECOMPOSITIONS[choice], kwargs, {}, tensors, f"moe_shuffle_mul_sum_fused_{choice}")
+    finally:
+        shapes_log.setLevel(level)
+    log.debug("fused_moe_ops: a symbolic size: %s", "the op stays (the decomposition adds a guard)"
+              if result is None else f"{choice} inlined (policy.symbolic_size_choice)")
     return result
 
 

@@ -73,6 +73,16 @@ def _slots(input: Tensor, permutation: Optional[Tensor], factors: Tensor, negati
     return index, keep, masked, factors, (m, topk)
 
 
+def _prepare(tensors: Tuple[Tensor, ...], kwargs: dict):
+    """What both decompositions start from: (arguments by name, input, then _slots' index, keep,
+    masked and factors, and (M, topk, K))."""
+    a = bind(tensors, kwargs)
+    x = a["input"]
+    index, keep, masked, factors, (m, topk) = _slots(x, a["permutation"], a["factors"], a["negative_index"],
+                                                     a["row_mask"])
+    return a, x, index, keep, masked, factors, (m, topk, x.shape[1])
+
+
 def _finish(total: Tensor, input: Tensor, out_dtype, scale: float, addend: Optional[Tensor]) -> Tensor:
     m, k = total.shape
     if scale != 1.0:
@@ -90,11 +100,7 @@ def _factors32(factors: Tensor, factor_round: int) -> Tensor:
 
 def combine_reduction(*tensors: Tensor, **kwargs) -> Tensor:
     """Gather (M, topk, K), weight, reduce over topk."""
-    a = bind(tensors, kwargs)
-    x = a["input"]
-    index, keep, masked, factors, (m, topk) = _slots(x, a["permutation"], a["factors"], a["negative_index"],
-                                                     a["row_mask"])
-    k = x.shape[1]
+    a, x, index, keep, masked, factors, (m, topk, k) = _prepare(tensors, kwargs)
     rows = x.unflatten(0, (m, topk)) if index is None else x[index.reshape(-1)].view(m, topk, k)
     rows = rows.to(torch.float32)
     if masked is not None:
@@ -108,11 +114,7 @@ def combine_reduction(*tensors: Tensor, **kwargs) -> Tensor:
 
 def combine_unrolled(*tensors: Tensor, **kwargs) -> Tensor:
     """``topk`` gathers summed pointwise, in slot order (static topk)."""
-    a = bind(tensors, kwargs)
-    x = a["input"]
-    index, keep, masked, factors, (m, topk) = _slots(x, a["permutation"], a["factors"], a["negative_index"],
-                                                     a["row_mask"])
-    k = x.shape[1]
+    a, x, index, keep, masked, factors, (m, topk, k) = _prepare(tensors, kwargs)
     f = _factors32(factors, a["factor_round"])
     ident = x.unflatten(0, (m, topk)) if index is None else None
     total = None

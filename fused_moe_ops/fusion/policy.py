@@ -46,12 +46,28 @@ def should_rewrite(
 DECOMPOSITION_PREFERENCE = 1.0
 
 
+def symbolic_size_choice(device_type: str, topk: Optional[int], k: Optional[int], dtype: torch.dtype) -> str:
+    """What a combine whose token count is symbolic (dynamic shapes) becomes where the autotuning is
+    on: ``"unrolled"`` or ``"reduction"`` (that decomposition, fusion/decompositions.py, inlined as
+    Inductor IR with no benchmark) or ``"op"`` (the op's kernel). One compile serves every token
+    count, so this is a rule, not a measurement of the call. Its source is part of the pass's cache key.
+
+    CPU: the unrolled decomposition. It is Inductor's own code for the combine, so the graph launches
+    exactly the kernels Inductor's does (it fuses with the un-permute before it and the residual add
+    and RMSNorm after it), and as pointwise code it is faster than the spelling it replaced at every
+    token count; the op is faster still only at large M (docs/BENCHMARKS.md). CUDA and the rest: the
+    op (no GPU measurement of the decomposition yet)."""
+    if device_type == "cpu" and topk is not None:
+        return "unrolled"
+    return "op"
+
+
 def should_autotune(device_type: str, m: int, topk: int, k: int, dtype: torch.dtype) -> bool:
     """Whether Inductor benchmarks the op against its own code for one combine of these (static)
     sizes; False keeps the op without a benchmark (saves its compile time).
 
-    The static rule, for where Inductor cannot choose (torch < 2.12, AOTInductor, deterministic
-    mode, a symbolic size, the autotuning switched off), is the op: on CPU it beats Inductor's code
-    for the combine alone at every measured size, and it is what those paths ran before. Its source
-    is part of the pass's cache key."""
+    Where Inductor cannot choose (torch < 2.12, AOTInductor, deterministic mode, the autotuning
+    switched off) the op stays: on CPU it beats Inductor's code for the combine alone at every
+    measured size, and it is what those paths ran before. A symbolic size: ``symbolic_size_choice``.
+    Its source is part of the pass's cache key."""
     return True
