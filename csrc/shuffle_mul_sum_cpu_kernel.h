@@ -91,6 +91,7 @@ inline void vstore(T* p, VecF v) {
 
 constexpr int64_t kTileRegs = 4;               // float registers per column tile
 constexpr int64_t kTile = kLanes * kTileRegs;  // columns per tile (64 with AVX-512)
+constexpr int64_t kPrefetchBytes = 1024;       // software prefetch distance along a row
 
 inline VecF vload_any(const void* p, ScalarType t, int64_t offset) {
   switch (t) {
@@ -166,6 +167,7 @@ void combine_rows(const CpuArgs& a) {
                             ? total_tasks
                             : std::max<int64_t>(1, (32 * 1024) / bytes_per_task);
 
+  constexpr int64_t kTileBytes = kTile * static_cast<int64_t>(sizeof(in_t));
   auto body = [&](int64_t begin, int64_t end) {
     // A token's live slots: on the stack for every real router's topk, on the heap beyond.
     constexpr int64_t kStackSlots = 64;
@@ -209,6 +211,11 @@ void combine_rows(const CpuArgs& a) {
         for (int64_t s = 0; s < n; ++s) {
           const VecF ws = splat(w[s]);
           const in_t* row = src[s] + c;
+          // The rows are visited in routing order, so the hardware prefetcher, which stops at each
+          // 4 KiB page, restarts on every page of every row: ask for the lines kPrefetchBytes ahead.
+          for (int64_t b = 0; b < kTileBytes; b += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes + b);
+          }
           for (int r = 0; r < kTileRegs; ++r) acc[r] = vfmadd(vload(row + r * kLanes), ws, acc[r]);
         }
         for (int r = 0; r < kTileRegs; ++r) {

@@ -14,7 +14,9 @@ Autograd key, which the current build serves from Python), rounds interleaved (e
 batch of the baseline and of the current kernel, in alternating order), median over rounds. The
 ratio is current / baseline speed (baseline time / current time): >= 1 means the current kernel is
 at least as fast. Bandwidth: bytes the kernel must move (the live input rows read once, the output
-written once) over time, against a single-thread tensor copy measured in the same run.
+written once) over time, against a single-thread tensor copy into an existing tensor measured in the
+same run; for the functional call (a fresh output each call: at tens of MB the allocator's page
+faults dominate, as they do Tensor.clone()'s) and for the out= form into a reused output.
 """
 from __future__ import annotations
 
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
     build_baseline(args.baseline_rev, isa, repo, work)
     ops_by_name = {"baseline": getattr(torch.ops, BASELINE_NS).shuffle_mul_sum.default,
                    "current": torch.ops.moe.shuffle_mul_sum.default}
+    out_op = torch.ops.moe.shuffle_mul_sum.out
     grid = dict(GRIDS[args.grid])
     if args.ms:
         grid["ms"] = tuple(int(m) for m in args.ms.split(","))
@@ -169,13 +172,21 @@ def main(argv=None) -> int:
                         calls = [make_call(op) for op in ops_by_name.values()]
                         (t_base, t_cur), rounds = time_pair(calls, args.budget, args.min_rounds, 200)
                         nbytes = (m * topk * k + m * k) * x.element_size()
+                        # The kernel's own bandwidth: the out= form into one output reused call after
+                        # call. A fresh output of tens of MB is mmap'ed and page-faulted on every call
+                        # (the CPU allocator's cost, Tensor.clone()'s too), which the functional time holds.
+                        out = torch.empty(m, k, dtype=dtype)
+                        (t_out,), _ = time_pair([lambda: out_op(*sets[0], out=out)], args.budget / 3, 3, 50)
                         rows.append(dict(dtype=str(dtype).replace("torch.", ""), m=m, k=k, topk=topk,
                                          baseline_us=t_base * 1e6, current_us=t_cur * 1e6, ratio=t_base / t_cur,
-                                         current_bw_frac=nbytes / t_cur / copy_bw, rounds=rounds))
+                                         current_bw_frac=nbytes / t_cur / copy_bw,
+                                         current_out_bw_frac=nbytes / t_out / copy_bw, rounds=rounds))
                         row = rows[-1]
                         print(f"{row['dtype']:>8} M={m:5d} K={k} topk={topk}: baseline {row['baseline_us']:10.1f} us  "
                               f"current {row['current_us']:10.1f} us  ratio {row['ratio']:.3f}  "
-                              f"{100 * row['current_bw_frac']:5.1f}% of copy bw  ({rounds} rounds)", flush=True)
+                              f"{100 * row['current_bw_frac']:5.1f}% of copy bw, out= "
+                              f"{100 * row['current_out_bw_frac']:5.1f}%  ({rounds} rounds)", flush=True)
+                        del out
                         del sets, x
     load_after = os.getloadavg()
     ratios = [r["ratio"] for r in rows]
