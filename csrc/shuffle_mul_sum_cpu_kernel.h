@@ -204,6 +204,9 @@ void combine_rows(const CpuArgs& a) {
         ++n;
       }
       out_t* dst = out + i * a.out_row_stride;
+      // At most 16 prefetches a tile: more (float32, topk 8) crowd the loads they were to speed up
+      // (measured: docs/BENCHMARKS.md, stable-ABI CPU kernel).
+      const bool prefetch = n * kTileBytes <= 1024;
       int64_t c = c_begin;
       for (; c + kTile <= c_end; c += kTile) {
         VecF acc[kTileRegs];
@@ -213,8 +216,10 @@ void combine_rows(const CpuArgs& a) {
           const in_t* row = src[s] + c;
           // The rows are visited in routing order, so the hardware prefetcher, which stops at each
           // 4 KiB page, restarts on every page of every row: ask for the lines kPrefetchBytes ahead.
-          for (int64_t b = 0; b < kTileBytes; b += 64) {
-            __builtin_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes + b);
+          if (prefetch) {
+            for (int64_t b = 0; b < kTileBytes; b += 64) {
+              __builtin_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes + b);
+            }
           }
           for (int r = 0; r < kTileRegs; ++r) acc[r] = vfmadd(vload(row + r * kLanes), ws, acc[r]);
         }
