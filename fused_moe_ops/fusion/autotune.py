@@ -299,7 +299,10 @@ def _lower_symbolic(named: dict):
     k = _static(x.get_size()[1])
     device, dtype = x.get_device(), x.get_dtype()
     choice = policy.symbolic_size_choice(device.type, topk, k, dtype)
-    lower = getattr(custom_op, "_lower_single_impl", None)
+    lower = getattr(custom_op, "_lower_single_impl", None)  # torch's own inliner (private: checked)
+    if lower is not None and list(inspect.signature(lower).parameters)[:5] != [
+            "impl", "impl_kwargs", "runtime_kwargs", "tensor_inputs", "name"]:
+        lower = None
     if choice == "op" or lower is None or (choice == "unrolled" and (topk is None or topk > MAX_UNROLLED_TOPK)):
         log.debug("fused_moe_ops: the op stays (a symbolic size; policy.symbolic_size_choice: %s)", choice)
         return None

@@ -22,15 +22,15 @@ def should_rewrite(
     Python int, or ``None`` when that size is symbolic, e.g. the token count under dynamic shapes) and
     the dtype of the gathered rows.
 
-    Always True. Every kernel takes any topk, so nothing is a hard limit. What is not worth rewriting
-    at any size is decided structurally before this hook (a combine whose rows are a pointwise result
-    Inductor would compute inside its own kernel is left alone). The rewritten graph launches
-    one kernel for the combine and nothing that only feeds it. The index wrap, the factors' rounding,
-    a per-row factor gather, and a following scale or add are all arguments of the op, so the pass
-    never adds a launch to Inductor's graph; on CPU the op beats Inductor's generated code at every
-    measured size (docs/BENCHMARKS.md). A measured CUDA rule would go here. It must not guard on
-    symbolic sizes: it gets ``None`` for them. This function's source is part of the pass's cache
-    key (``uuid()``).
+    Always True: rewriting does not decide the speed by itself. The op the pass emits is lowered by
+    fusion/autotune.py, where Inductor benchmarks the op's kernel against its own code for the
+    combine (static sizes) or ``symbolic_size_choice`` decides (a symbolic token count); where Inductor
+    cannot choose (AOTInductor, deterministic mode, torch < 2.12, the autotuning switched off) the op
+    stays. What is not worth rewriting at any size is decided structurally before
+    this hook (a combine whose rows are a pointwise result Inductor would compute inside its own
+    kernel is left alone). Every kernel takes any topk, so nothing is a hard limit. A rule here must
+    not guard on symbolic sizes: it gets ``None`` for them. This function's source is part of the
+    pass's cache key (``uuid()``).
     """
     return True
 
