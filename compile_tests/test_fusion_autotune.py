@@ -180,13 +180,17 @@ def test_forced_choice_gives_eagers_result(sp, force):
     check_accuracy(out, eager, ref)
     assert fused_moe_ops.fusion_stats()["rewrites"] >= 1
     benchmarked = sp.kind not in ("identity", "per_token")  # no permutation: never benchmarked (autotune.py)
+    lowered = fused_moe_ops.fusion_stats()["lowered"]
     if force and benchmarked:
+        # Forced: the benchmark's winner where it is a decomposition, else the first (the reduction).
+        assert len(lowered) == 1 and lowered.get("reduction", lowered.get("unrolled")) == 1, lowered
         assert FUSED_CALL not in code, "the decomposition won, yet the op is called"
         # The decomposition and the add are one Inductor kernel, beside the kernels the routing needs
         # with the op too (sp.generated: the scatter family's sigmoid and inverse permutation, of which
         # the inverse scatter fuses into the combine's kernel).
         assert len(generated_kernels(code)) == max(1, sp.generated), generated_kernels(code)
     else:
+        assert lowered == {"op": 1}, lowered
         assert code.count(FUSED_CALL) == 1 and not generated_kernels(code), code
 
 
@@ -246,6 +250,7 @@ def test_switched_off_keeps_the_op():
     out, eager, ref, code = _seed_code()
     check_accuracy(out, eager, ref)
     assert code.count(FUSED_CALL) == 1 and not generated_kernels(code)
+    assert fused_moe_ops.fusion_stats()["lowered"] == {"op": 1}
 
 
 def test_switch_and_preference_change_the_cache_key():
@@ -287,6 +292,7 @@ def test_dynamic_tokens_on_cpu_inline_the_unrolled_decomposition(sp):
     code, runs = _dynamic_tokens(sp)
     assert fused_moe_ops.fusion_stats()["rewrites"] >= 1
     assert FUSED_CALL not in code, "a symbolic token count on CPU, yet the op is called"
+    assert set(fused_moe_ops.fusion_stats()["lowered"]) == {"unrolled"}, fused_moe_ops.fusion_stats()
     assert "ks0" in code or "s0" in code, "the compile was not dynamic"
     for out, eager, ref in runs:
         check_accuracy(out, eager, ref)
@@ -298,6 +304,7 @@ def test_dynamic_tokens_keep_the_op_where_the_decomposition_would_guard(capfd):
     sp = next(s for s in REWRITTEN if s.name == "weights_before_gather")
     code, runs = _dynamic_tokens(sp)
     assert code.count(FUSED_CALL) == 1, code
+    assert set(fused_moe_ops.fusion_stats()["lowered"]) == {"op"}, fused_moe_ops.fusion_stats()
     for out, eager, ref in runs:
         check_accuracy(out, eager, ref)
     assert "evaluate_expr" not in capfd.readouterr().err
@@ -310,6 +317,7 @@ def test_dynamic_tokens_keep_the_op_where_the_rule_says_op(monkeypatch):
     sp = next(s for s in REWRITTEN if s.name == "seed")
     code, runs = _dynamic_tokens(sp, dtype=torch.float32)
     assert code.count(FUSED_CALL) == 1 and not generated_kernels(code), code
+    assert set(fused_moe_ops.fusion_stats()["lowered"]) == {"op"}, fused_moe_ops.fusion_stats()
     for out, eager, ref in runs:
         check_accuracy(out, eager, ref)
 
@@ -318,6 +326,7 @@ def test_deterministic_mode_keeps_the_op():
     out, eager, ref, code = _seed_code(deterministic=True)
     check_accuracy(out, eager, ref)
     assert code.count(FUSED_CALL) == 1 and not generated_kernels(code)
+    assert fused_moe_ops.fusion_stats()["lowered"] == {"op": 1}
 
 
 # ------------------------------------------------------------------ FX graph cache across processes

@@ -17,8 +17,8 @@ CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA 
 TINY_BLOCK = ["--tokens", "24", "--hidden", "64", "--ffn", "32", "--experts", "4", "--topk", "2", "--iters", "2"]
 
 
-def run_example(script: str, *args: str, timeout: int = 600) -> str:
-    env = dict(os.environ)
+def run_example(script: str, *args: str, timeout: int = 600, extra_env: dict = None) -> str:
+    env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     if not HAS_CUDA:
         env.setdefault("FUSED_MOE_OPS_NO_CUDA", "1")
@@ -55,11 +55,22 @@ def test_explicit_op_cuda(dtype):
 test_explicit_op_cuda = pytest.mark.cuda(test_explicit_op_cuda)
 
 
-def _check_block_output(out: str) -> dict:
+def _check_block_output(out: str, expect_op_call: bool = None) -> dict:
     m = re.search(r"fusion pass: fired (\d+) time\(s\)", out)
     assert m and int(m.group(1)) >= 1, f"the pass did not fire:\n{out}"
     assert "with the pass disabled: 0 rewrite(s)" in out, out
-    assert "generated code calls our op (moe._shuffle_mul_sum_fused): fusion on: yes, fusion off: no" in out, out
+    calls = re.search(r"generated code calls our op \(moe._shuffle_mul_sum_fused\): fusion on: (yes|no), "
+                      r"fusion off: no$", out, re.M)
+    assert calls, out
+    # Where Inductor chooses (custom-op autotuning), the report names its choice and the generated
+    # code agrees with it: a call of our op exactly where our op was chosen.
+    choice = re.search(r"^Inductor's choice for the rewritten combine: (.*)$", out, re.M)
+    if choice is not None:
+        assert (calls.group(1) == "yes") == ("our op" in choice.group(1)), out
+    else:
+        assert calls.group(1) == "yes", out
+    if expect_op_call is not None:
+        assert calls.group(1) == ("yes" if expect_op_call else "no"), out
     diffs = re.findall(r"max \|eager - compiled, fusion (off|on)\| = (\S+) .*  (ok|MISMATCH)", out)
     assert [(d[0], d[2]) for d in diffs] == [("off", "ok"), ("on", "ok")], out
     table = dict(re.findall(r"^(eager|compiled, fusion off|compiled, fusion on)\s+([0-9.]+)\s+[0-9.]+x$", out, re.M))
@@ -77,9 +88,10 @@ def test_moe_block_cpu_with_plot(tmp_path):
 
 
 @pytest.mark.slow
-def test_moe_block_cpu_bf16():
-    out = run_example("moe_block.py", "--device", "cpu", "--dtype", "bfloat16", *TINY_BLOCK)
-    _check_block_output(out)
+def test_moe_block_cpu_bf16_autotuning_off_calls_the_op():
+    out = run_example("moe_block.py", "--device", "cpu", "--dtype", "bfloat16", *TINY_BLOCK,
+                      extra_env={"FUSED_MOE_OPS_AUTOTUNE": "0"})
+    _check_block_output(out, expect_op_call=True)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@
 ``torch.compile`` runs, or at once if Inductor is already imported; eager users never pay for
 importing Inductor. Public API::
 
-    fused_moe_ops.fusion_stats()        # {"rewrites": n, "by_pattern": {name: n}, "enabled": bool}
+    fused_moe_ops.fusion_stats()        # {"rewrites": n, "by_pattern": {name: n}, "lowered": {choice: n}, "enabled": bool}
     fused_moe_ops.reset_fusion_stats()
     fused_moe_ops.disable_fusion()      # globally; `with fused_moe_ops.disable_fusion():` for a block
     fused_moe_ops.enable_fusion()
@@ -97,8 +97,12 @@ def fusion_enabled() -> bool:
 
 
 def fusion_stats() -> Dict[str, Any]:
-    """Rewrites done by this process: ``{"rewrites": total, "by_pattern": {name: count}, "enabled": bool}``.
+    """Rewrites done by this process: ``{"rewrites": total, "by_pattern": {name: count},
+    "lowered": {choice: count}, "enabled": bool}``.
 
+    ``lowered`` says how Inductor lowered the rewritten combines where it chooses (fusion/autotune.py):
+    ``"op"`` (our kernel) or the decomposition it inlined as its own code (``"reduction"``,
+    ``"unrolled"``); empty where torch has no custom-op autotuning (there every rewrite keeps the op).
     Counted when the pass runs, i.e. on an actual compile: a compile served from Inductor's FX graph
     cache does not run the pass again and does not count.
     """

@@ -11,6 +11,9 @@ _ENV_DISABLE = "FUSED_MOE_OPS_DISABLE_FUSION"
 _lock = threading.Lock()
 _enabled: bool = os.environ.get(_ENV_DISABLE, "").strip().lower() not in ("1", "true", "yes", "on")
 _by_pattern: Counter = Counter()
+# How Inductor lowered each rewritten combine where it chooses (fusion/autotune.py): "op" (our
+# kernel), or the name of the decomposition it inlined as its own code.
+_lowered: Counter = Counter()
 
 
 def enabled() -> bool:
@@ -34,12 +37,19 @@ def count(pattern: str) -> None:
         _by_pattern[pattern] += 1
 
 
+def count_lowering(choice: str) -> None:
+    with _lock:
+        _lowered[choice] += 1
+
+
 def stats() -> Dict[str, Any]:
     with _lock:
-        by_pattern = dict(_by_pattern)
-    return {"rewrites": sum(by_pattern.values()), "by_pattern": by_pattern, "enabled": _enabled}
+        by_pattern, lowered = dict(_by_pattern), dict(_lowered)
+    return {"rewrites": sum(by_pattern.values()), "by_pattern": by_pattern, "lowered": lowered,
+            "enabled": _enabled}
 
 
 def reset() -> None:
     with _lock:
         _by_pattern.clear()
+        _lowered.clear()

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from . import policy
+from . import _state, policy
 from .decompositions import DECOMPOSITIONS, DEFAULTS, TENSOR_ARGS
 
 log = logging.getLogger("fused_moe_ops")
@@ -250,22 +250,37 @@ _SCALARS = ("out_dtype", "negative_index", "factor_round", "scale")
 def _lowering(*args: Any, **kwargs: Any):
     """Inductor's lowering of the op: where Inductor can choose, the op's kernel and the
     decompositions are benchmarked on the combine's sizes (autotune_custom_op); a winning
-    decomposition comes back inlined as IR. Else (and where the op wins) None: the op's own lowering."""
+    decomposition comes back inlined as IR. Else (and where the op wins) None: the op's own lowering.
+    Each choice is counted (``fusion_stats()["lowered"]``)."""
+    result, choice = _choose(_named(args, kwargs))
+    _state.count_lowering(choice)
+    return result
+
+
+def _decomposition_name(choice) -> str:
+    """The DECOMPOSITIONS key of a benchmark's winning choice (its name holds the function's)."""
+    for key, fn in DECOMPOSITIONS.items():
+        if fn.__name__ in str(getattr(choice, "name", "")):
+            return key
+    return "decomposition"
+
+
+def _choose(named: dict):
+    """(the inlined IR or None for the op's own lowering, "op" or the decomposition's name)."""
     import torch._inductor.config as inductor_config
     from torch._inductor.kernel.custom_op import autotune_custom_op
 
-    named = _named(args, kwargs)
     why = why_not_autotuned(named)
     if why is SYMBOLIC:
         return _lower_symbolic(named)
     if why is not None:
         log.debug("fused_moe_ops: the op stays (not benchmarked): %s", why)
-        return None
+        return None, "op"
     rows, m, topk, k = _sizes(named)
     device, dtype = named["input"].get_device(), named["input"].get_dtype()
     if not policy.should_autotune(device.type, m, topk, k, dtype):
         log.debug("fused_moe_ops: the op stays (not benchmarked): policy.should_autotune said no")
-        return None
+        return None, "op"
     tensors = [named[n] for n in TENSOR_ARGS if named.get(n) is not None]
     scalars = {n: named.get(n, DEFAULTS[n]) for n in _SCALARS}
     decomps = [DECOMPOSITIONS["reduction"]] + ([DECOMPOSITIONS["unrolled"]] if topk <= MAX_UNROLLED_TOPK else [])
@@ -284,14 +299,15 @@ def _lowering(*args: Any, **kwargs: Any):
             user_input_gen_fns={"permutation": _valid_permutation, "row_mask": _sparse_row_mask}, **options)
     if getattr(choice, "gm", None) is None:
         log.debug("fused_moe_ops: the op won the benchmark (m=%s topk=%s k=%s)", m, topk, k)
-        return None
+        return None, "op"
     log.debug("fused_moe_ops: %s won the benchmark (m=%s topk=%s k=%s): inlined", choice.name, m, topk, k)
-    return result
+    return result, _decomposition_name(choice)
 
 
 def _lower_symbolic(named: dict):
     """A combine with a symbolic size (the token count under dynamic shapes): the decomposition
-    ``policy.symbolic_size_choice`` names, inlined as IR without a benchmark, or None (the op stays)."""
+    ``policy.symbolic_size_choice`` names, inlined as IR without a benchmark, or None (the op stays);
+    with the choice's name as _choose gives it."""
     from torch._inductor.kernel import custom_op
 
     x, factors = named["input"], named["factors"]
@@ -305,7 +321,7 @@ def _lower_symbolic(named: dict):
         lower = None
     if choice == "op" or lower is None or (choice == "unrolled" and (topk is None or topk > MAX_UNROLLED_TOPK)):
         log.debug("fused_moe_ops: the op stays (a symbolic size; policy.symbolic_size_choice: %s)", choice)
-        return None
+        return None, "op"
     tensors = [named[n] for n in TENSOR_ARGS if named.get(n) is not None]
     kwargs = {n: named.get(n, DEFAULTS[n]) for n in _SCALARS}
     kwargs.update({n: None for n in TENSOR_ARGS if named.get(n) is None})  # bind() reads absent ones by name
@@ -321,7 +337,7 @@ def _lower_symbolic(named: dict):
         shapes_log.setLevel(level)
     log.debug("fused_moe_ops: a symbolic size: %s", "the op stays (the decomposition adds a guard)"
               if result is None else f"{choice} inlined (policy.symbolic_size_choice)")
-    return result
+    return result, ("op" if result is None else choice)
 
 
 @contextlib.contextmanager
