@@ -113,9 +113,13 @@ def test_cpu_timing_interleaves_the_entries():
     entries = [({}, (lambda i, n=n: order.append(n)), __import__("contextlib").nullcontext) for n in "ab"]
     timing.time_cpu_interleaved(entries, budget_s=0.0, min_rounds=4, max_rounds=4)
     timed = order[4:]  # after the two warm-up calls of each
-    # every round runs one batch of a, then one batch of b: the sequence alternates a-run, b-run
-    runs = [c for i, c in enumerate(timed) if i == 0 or timed[i - 1] != c]
-    assert runs == ["a", "b"] * 4, runs
+    # every round runs one batch of each, in alternating order (a b, b a, a b, b a): neither always first
+    per_batch = {n: row["calls_per_batch"] for n, (row, _, _) in zip("ab", entries)}
+    pos = 0
+    for name in ["a", "b", "b", "a"] * 2:
+        assert timed[pos:pos + per_batch[name]] == [name] * per_batch[name], (name, pos, timed)
+        pos += per_batch[name]
+    assert pos == len(timed)
     assert all(row["rounds"] == 4 and row["time_s"] > 0 for row, _, _ in entries)
 
 

@@ -29,8 +29,8 @@ def time_cpu_interleaved(entries: Sequence[Tuple[Dict[str, object], Callable[[in
                          budget_s: float, min_rounds: int = 5, max_rounds: int = 400,
                          stat: str = "median") -> None:
     """CPU wall-clock timing, interleaved: each round runs one short batch of every entry in turn,
-    so load from other processes on a shared machine hits them all alike (a with-pass vs
-    without-pass comparison is only fair this way).
+    in alternating order, so load from other processes on a shared machine hits them all alike and
+    none always runs first (a with-pass vs without-pass comparison is only fair this way).
 
     entries: (row, call, ctx) with ctx() a context manager entered around every batch. Sets in row
     time_s (the chosen statistic of the per-call time over rounds), time_median_s, time_min_s,
@@ -50,8 +50,12 @@ def time_cpu_interleaved(entries: Sequence[Tuple[Dict[str, object], Callable[[in
     rounds = int(min(max_rounds, max(min_rounds, budget_s * len(entries) / per_round)))
     times: List[List[float]] = [[] for _ in entries]
     c = 3
-    for _ in range(rounds):
-        for idx, (row, call, ctx) in enumerate(entries):
+    order = list(range(len(entries)))
+    for r in range(rounds):
+        # Alternating order: whichever entry runs right after another finds the caches (and the
+        # allocator) as that one left them; each gets both positions equally often.
+        for idx in (order if r % 2 == 0 else order[::-1]):
+            row, call, ctx = entries[idx]
             n = inner[idx]
             with ctx():
                 t0 = time.perf_counter()
