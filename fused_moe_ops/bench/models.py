@@ -150,6 +150,11 @@ def bench_model_case(name: str, forward: Callable, make_input: Callable[[int, in
         if not static and m > 1:
             torch._dynamo.mark_dynamic(xs[0], token_dim)
         entries, outs = [], {}
+        if static:
+            # Each token count's two compiles in a fresh Dynamo cache, as a program that compiles its
+            # model once: the compiles of the earlier token counts (and what they keep alive) shifted
+            # the 1-token ratio by up to 4% from run to run (docs/BENCHMARKS.md, 2026-12-03).
+            torch._dynamo.reset()
         with torch.no_grad():
             for v, ctx in variants:
                 try:
