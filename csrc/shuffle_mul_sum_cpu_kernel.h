@@ -148,27 +148,31 @@ void combine_rows(const CpuArgs& a) {
   const int64_t k = a.k;
   const bool has_epilogue = a.scale != 1.f || a.addend != nullptr;
 
-  // Split K into chunks so that M * chunks gives every thread work even when M is 1.
+  // A call that reads less than kSerialBytes runs on the calling thread alone: one core streams it in
+  // ~10 us, and waking a second thread costs about that, or milliseconds when that core is busy
+  // elsewhere. Such a call (or any call with one thread) is one pass over whole rows.
+  constexpr int64_t kSerialBytes = 256 * 1024;
   const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
+  const bool serial = threads <= 1 || a.m * a.topk * k * static_cast<int64_t>(sizeof(in_t)) < kSerialBytes;
+  // Else K is split into chunks so that M * chunks gives every thread work even when M is 1.
   const int64_t want_tasks = threads * 4;
   int64_t chunks = 1;
-  if (a.m < want_tasks) chunks = std::min<int64_t>((want_tasks + a.m - 1) / a.m, (k + 1023) / 1024);
+  if (!serial && a.m < want_tasks) chunks = std::min<int64_t>((want_tasks + a.m - 1) / a.m, (k + 1023) / 1024);
   chunks = std::max<int64_t>(chunks, 1);
   int64_t chunk_cols = (k + chunks - 1) / chunks;
   chunk_cols = (chunk_cols + kTile - 1) / kTile * kTile;  // whole tiles, so only the last chunk has a tail
   chunks = (k + chunk_cols - 1) / chunk_cols;
-  // Grain: enough tasks per parallel_for piece to amortise its cost (~32 KiB of input). A call that
-  // reads less than kSerialBytes runs on the calling thread alone: one core streams it in ~10 us, and
-  // waking a second thread costs about that, or milliseconds when that core is busy elsewhere.
-  constexpr int64_t kSerialBytes = 256 * 1024;
+  // Grain: enough tasks per parallel_for piece to amortise its cost (~32 KiB of input).
   const int64_t bytes_per_task = std::max<int64_t>(1, a.topk * chunk_cols * (int64_t)sizeof(in_t));
   const int64_t total_tasks = a.m * chunks;
-  const int64_t grain = bytes_per_task * total_tasks < kSerialBytes
-                            ? total_tasks
-                            : std::max<int64_t>(1, (32 * 1024) / bytes_per_task);
+  const int64_t grain = serial ? total_tasks : std::max<int64_t>(1, (32 * 1024) / bytes_per_task);
 
   constexpr int64_t kTileBytes = kTile * static_cast<int64_t>(sizeof(in_t));
   auto body = [&](int64_t begin, int64_t end) {
+    // Loop invariants as locals: the vector stores below may alias anything (the intrinsics' types
+    // are may_alias), so what the closure holds by reference would be reloaded after every store.
+    const bool epilogue_on = has_epilogue;
+    const int64_t n_chunks = chunks, cols = chunk_cols;
     // A token's live slots: on the stack for every real router's topk, on the heap beyond.
     constexpr int64_t kStackSlots = 64;
     const in_t* src_stack[kStackSlots];
@@ -182,9 +186,9 @@ void combine_rows(const CpuArgs& a) {
     const in_t** src = a.topk > kStackSlots ? src_heap.data() : src_stack;
     float* w = a.topk > kStackSlots ? w_heap.data() : w_stack;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / chunks;
-      const int64_t c_begin = (task % chunks) * chunk_cols;
-      const int64_t c_end = std::min(k, c_begin + chunk_cols);
+      const int64_t i = task / n_chunks;
+      const int64_t c_begin = (task % n_chunks) * cols;
+      const int64_t c_end = std::min(k, c_begin + cols);
       // Gather this token's live slots once: skipped slots are dropped here (their factor unread).
       // A masked row reads as zeros: it adds 0 * factor, which is 0, or NaN for a NaN/inf factor
       // (what eager's masked_fill-then-multiply gives), so it only decides the accumulator's start.
@@ -223,19 +227,19 @@ void combine_rows(const CpuArgs& a) {
           }
           for (int r = 0; r < kTileRegs; ++r) acc[r] = vfmadd(vload(row + r * kLanes), ws, acc[r]);
         }
-        for (int r = 0; r < kTileRegs; ++r) {
-          VecF y = has_epilogue ? epilogue(a, i, c + r * kLanes, acc[r]) : acc[r];
-          vstore(dst + c + r * kLanes, y);
+        if (epilogue_on) {
+          for (int r = 0; r < kTileRegs; ++r) acc[r] = epilogue(a, i, c + r * kLanes, acc[r]);
         }
+        for (int r = 0; r < kTileRegs; ++r) vstore(dst + c + r * kLanes, acc[r]);
       }
       for (; c < c_end; ++c) {  // tail: K not a multiple of the tile
         float acc = acc0;
         for (int64_t s = 0; s < n; ++s) acc += w[s] * static_cast<float>(src[s][c]);
-        dst[c] = static_cast<out_t>(has_epilogue ? epilogue(a, i, c, acc) : acc);
+        dst[c] = static_cast<out_t>(epilogue_on ? epilogue(a, i, c, acc) : acc);
       }
     }
   };
-  if (grain >= total_tasks || threads <= 1) {
+  if (serial || grain >= total_tasks) {
     body(0, total_tasks);  // no trip through the parallel backend for a serial call
   } else {
     torch::stable::parallel_for(0, total_tasks, grain, body);

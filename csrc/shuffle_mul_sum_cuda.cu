@@ -389,7 +389,7 @@ Tensor fused(Tensor input, std::optional<Tensor> permutation, Tensor factors, st
              int64_t negative_index, int64_t factor_round, double scale, std::optional<Tensor> addend,
              std::optional<Tensor> row_mask) {
   return shuffle_mul_sum_fused<combine_cuda>(input, permutation, factors, out_dtype, negative_index, factor_round,
-                                             scale, addend, row_mask);
+                                             scale, std::move(addend), std::move(row_mask));
 }
 
 }  // namespace
