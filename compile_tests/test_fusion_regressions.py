@@ -136,3 +136,35 @@ def test_out_overlap_raises_compiled_as_in_eager(name, fusion):
         _compiled(fn, False, fusion)(*args)
     fused_moe_ops.enable_fusion()
     assert torch.equal(x, before), "the caller's tensor was written"
+
+
+# ------------------------------------------------------------------ a torch whose autotuning API differs
+
+
+def test_torch_2_11_autotuning_api_is_not_used(monkeypatch):
+    """torch 2.11 has an ``autotune_custom_op`` of another shape (``return_choice``, no choice returned)
+    and no ``user_lowerings``: the pass registered its lowering there anyway and every compile it
+    rewrote failed with ImportError (found with the wheel under torch 2.11.0). Such a torch must read
+    as "no custom-op autotuning", so the op stays and the compile works."""
+    import types
+
+    from torch._inductor import lowering
+    from torch._inductor.kernel import custom_op
+
+    from fused_moe_ops.fusion import autotune
+
+    def autotune_custom_op_2_11(name, decompositions, inputs, non_tensor_args, op_overload,
+                                user_input_gen_fns=None, return_choice=False):
+        raise AssertionError("not to be called")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(custom_op, "autotune_custom_op", autotune_custom_op_2_11)
+        assert "autotune_custom_op" in (autotune._why_unavailable() or "")
+    fake_lowering = types.ModuleType("torch._inductor.lowering")  # no user_lowerings
+    with monkeypatch.context() as mp:
+        mp.setitem(__import__("sys").modules, "torch._inductor.lowering", fake_lowering)
+        mp.setattr(torch._inductor, "lowering", fake_lowering)
+        assert "user_lowerings" in (autotune._why_unavailable() or "")
+    if hasattr(lowering, "user_lowerings") and "return_choice" not in __import__("inspect").signature(
+            custom_op.autotune_custom_op).parameters:
+        assert autotune._why_unavailable() is None  # this torch's own API is the one used

@@ -74,16 +74,31 @@ _AVAILABLE: list = []
 
 
 def available() -> Optional[str]:
-    """None where this torch has custom-op autotuning, else why not."""
+    """None where this torch has custom-op autotuning as this module uses it (torch >= 2.12), else why
+    not. torch 2.11 has an earlier ``autotune_custom_op`` (no choice returned, no registry of user
+    lowerings): there, as on older torch, nothing is registered and the op stays."""
     if not _AVAILABLE:
-        try:
-            from torch._inductor.kernel import custom_op
-        except ImportError as e:
-            _AVAILABLE.append(f"torch {torch.__version__} has no custom-op autotuning ({e})")
-        else:
-            _AVAILABLE.append(None if hasattr(custom_op, "autotune_custom_op") else
-                              f"torch {torch.__version__} has no custom-op autotuning (autotune_custom_op)")
+        _AVAILABLE.append(_why_unavailable())
     return _AVAILABLE[0]
+
+
+def _why_unavailable() -> Optional[str]:
+    prefix = f"torch {torch.__version__} has no custom-op autotuning as fused_moe_ops uses it"
+    try:
+        from torch._inductor import lowering
+        from torch._inductor.kernel import custom_op
+    except ImportError as e:
+        return f"{prefix} ({e})"
+    fn = getattr(custom_op, "autotune_custom_op", None)
+    if fn is None:
+        return f"{prefix} (no torch._inductor.kernel.custom_op.autotune_custom_op)"
+    if not isinstance(getattr(lowering, "user_lowerings", None), dict):
+        return f"{prefix} (no torch._inductor.lowering.user_lowerings)"
+    params = inspect.signature(fn).parameters
+    wanted = ("name", "decompositions", "inputs", "non_tensor_args", "op_overload", "user_input_gen_fns")
+    if any(p not in params for p in wanted) or "return_choice" in params:
+        return f"{prefix} (autotune_custom_op{inspect.signature(fn)})"
+    return None
 
 
 def set_autotune(enabled: bool) -> bool:
