@@ -146,6 +146,8 @@ def test_torch_2_11_autotuning_api_is_not_used(monkeypatch):
     and no ``user_lowerings``: the pass registered its lowering there anyway and every compile it
     rewrote failed with ImportError (found with the wheel under torch 2.11.0). Such a torch must read
     as "no custom-op autotuning", so the op stays and the compile works."""
+    import inspect
+    import sys
     import types
 
     from torch._inductor import lowering
@@ -162,9 +164,9 @@ def test_torch_2_11_autotuning_api_is_not_used(monkeypatch):
         assert "autotune_custom_op" in (autotune._why_unavailable() or "")
     fake_lowering = types.ModuleType("torch._inductor.lowering")  # no user_lowerings
     with monkeypatch.context() as mp:
-        mp.setitem(__import__("sys").modules, "torch._inductor.lowering", fake_lowering)
+        mp.setitem(sys.modules, "torch._inductor.lowering", fake_lowering)
         mp.setattr(torch._inductor, "lowering", fake_lowering)
         assert "user_lowerings" in (autotune._why_unavailable() or "")
-    if hasattr(lowering, "user_lowerings") and "return_choice" not in __import__("inspect").signature(
+    if hasattr(lowering, "user_lowerings") and "return_choice" not in inspect.signature(
             custom_op.autotune_custom_op).parameters:
         assert autotune._why_unavailable() is None  # this torch's own API is the one used

@@ -14,8 +14,9 @@ cutlass MoE, the seed of this project)::
 Nothing in the model mentions fused_moe_ops: ``import fused_moe_ops`` installs an Inductor pass
 that rewrites that line into one ``moe::shuffle_mul_sum`` call under ``torch.compile``; Inductor then
 times our kernel against its own code for the combine and keeps the faster. The script prints whether
-the pass fired (and how often), which of the two Inductor chose, the largest difference between the eager and the
-compiled outputs, and a timing table: eager, compiled with the pass off, compiled with it on.
+the pass fired (and how often), which of the two Inductor chose, the largest difference between the
+eager and the compiled outputs, and a timing table: eager, compiled with the pass off, compiled with
+it on.
 """
 from __future__ import annotations
 
