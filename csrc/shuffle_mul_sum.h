@@ -8,6 +8,12 @@
 // from 2.10 on. Errors are thrown as std::runtime_error (Python RuntimeError) and
 // std::out_of_range (IndexError) carrying exactly our message (STD_TORCH_CHECK would prefix
 // file:line).
+//
+// The checks and kernels read their tensors through TensorRef (a borrowed handle and its metadata,
+// read once), and the boxed kernels unbox the dispatcher's stack by hand (boxed_functional and its
+// siblings, at the end): TORCH_BOX would wrap every tensor in a torch::stable::Tensor, a shared_ptr
+// whose allocation and atomic counts, with a shim call for every size, stride and dtype the checks
+// read, cost a decode-sized call (M = 1: about 2 us in all) a measurable share.
 #pragma once
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -60,28 +66,111 @@ inline void shim_check(AOTITorchError err, const char* what) {
   if (err != AOTI_TORCH_SUCCESS) fail("moe::shuffle_mul_sum: ", what, " failed");
 }
 
-// A tensor's dtype. Tensor::scalar_type() maps the shim's code through a chain of shim calls (tens of
-// ns each time); the codes of the dtypes a call meets are read once here, the rest falls back to it.
-inline ScalarType dtype_of(const Tensor& t) {
+// The dtype of a shim dtype code. The codes of the dtypes a call meets are read once; the rest go
+// through the stable ABI's own mapping.
+inline ScalarType dtype_of_code(int32_t code) {
   static const int32_t f32 = aoti_torch_dtype_float32(), f16 = aoti_torch_dtype_float16(),
                        bf16 = aoti_torch_dtype_bfloat16(), i32 = aoti_torch_dtype_int32(),
                        i64 = aoti_torch_dtype_int64(), b8 = aoti_torch_dtype_bool();
-  int32_t code = 0;
-  shim_check(aoti_torch_get_dtype(t.get(), &code), "aoti_torch_get_dtype");
   if (code == f32) return ScalarType::Float;
   if (code == bf16) return ScalarType::BFloat16;
   if (code == f16) return ScalarType::Half;
   if (code == i64) return ScalarType::Long;
   if (code == i32) return ScalarType::Int;
   if (code == b8) return ScalarType::Bool;
-  return t.scalar_type();
+  return torch::stable::detail::to<ScalarType>(torch::stable::detail::from(code));
+}
+
+// Where a tensor lives, as (device type, index): compared with ==, printed as Python does.
+struct Place {
+  int32_t type;
+  int32_t index;
+  bool operator==(const Place& o) const { return type == o.type && index == o.index; }
+  bool operator!=(const Place& o) const { return !(*this == o); }
+};
+
+// A tensor as the checks and kernels read it: a borrowed handle (whoever passed it keeps the tensor
+// alive) and its metadata, read once with one shim call each. Sizes and strides point into the
+// tensor's own metadata, which nothing resizes during a call.
+class TensorRef {
+ public:
+  explicit TensorRef(AtenTensorHandle h) : h_(h) {
+    int32_t code = 0;
+    shim_check(aoti_torch_get_dim(h, &dim_), "aoti_torch_get_dim");
+    shim_check(aoti_torch_get_sizes(h, &sizes_), "aoti_torch_get_sizes");
+    shim_check(aoti_torch_get_strides(h, &strides_), "aoti_torch_get_strides");
+    shim_check(aoti_torch_get_dtype(h, &code), "aoti_torch_get_dtype");
+    shim_check(aoti_torch_get_device_type(h, &place_.type), "aoti_torch_get_device_type");
+    shim_check(aoti_torch_get_device_index(h, &place_.index), "aoti_torch_get_device_index");
+    dtype_code_ = code;
+    dtype_ = dtype_of_code(code);
+  }
+  AtenTensorHandle get() const { return h_; }
+  int64_t dim() const { return dim_; }
+  int64_t size(int64_t d) const { return sizes_[d < 0 ? d + dim_ : d]; }
+  int64_t stride(int64_t d) const { return strides_[d < 0 ? d + dim_ : d]; }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d = 0; d < dim_; ++d) n *= sizes_[d];
+    return n;
+  }
+  ScalarType dtype() const { return dtype_; }
+  int32_t dtype_code() const { return dtype_code_; }
+  const Place& place() const { return place_; }
+  int64_t element_size() const { return static_cast<int64_t>(aoti_torch_dtype_element_size(dtype_code_)); }
+  // Read when asked: only once the checks have passed.
+  void* data_ptr() const {
+    void* p = nullptr;
+    shim_check(aoti_torch_get_data_ptr(h_, &p), "aoti_torch_get_data_ptr");
+    return p;
+  }
+
+ private:
+  AtenTensorHandle h_;
+  int64_t dim_ = 0;
+  int64_t* sizes_ = nullptr;
+  int64_t* strides_ = nullptr;
+  int32_t dtype_code_ = 0;
+  ScalarType dtype_ = ScalarType::Undefined;
+  Place place_{};
+};
+
+inline ScalarType dtype_of(const TensorRef& t) { return t.dtype(); }
+inline const Place& place_of(const TensorRef& t) { return t.place(); }
+
+// An owning tensor handle (what the dispatcher's stack hands a boxed kernel, and what it takes back
+// as a result), deleted at scope exit unless released.
+class OwnedHandle {
+ public:
+  OwnedHandle() = default;
+  explicit OwnedHandle(AtenTensorHandle h) : h_(h) {}
+  OwnedHandle(OwnedHandle&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  OwnedHandle(const OwnedHandle&) = delete;
+  OwnedHandle& operator=(const OwnedHandle&) = delete;
+  OwnedHandle& operator=(OwnedHandle&&) = delete;
+  ~OwnedHandle() {
+    if (h_ != nullptr) aoti_torch_delete_tensor_object(h_);
+  }
+  AtenTensorHandle get() const { return h_; }
+  AtenTensorHandle release() { return std::exchange(h_, nullptr); }
+
+ private:
+  AtenTensorHandle h_ = nullptr;
+};
+
+// A torch::stable::Tensor sharing t's tensor (a new handle), for the torch::stable ops of the rare
+// paths (a strided input or out, a re-laid addend).
+inline Tensor shared_tensor(const TensorRef& t) {
+  AtenTensorHandle h = nullptr;
+  shim_check(aoti_torch_new_tensor_handle(t.get(), &h), "aoti_torch_new_tensor_handle");
+  return Tensor(h);
 }
 
 inline bool is_supported_float(ScalarType t) {
   return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
 }
 
-inline std::string shape_str(const Tensor& t) {
+inline std::string shape_str(const TensorRef& t) {
   std::ostringstream s;
   s << "(";
   for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
@@ -114,21 +203,6 @@ inline std::string dtype_str(ScalarType t) {
   return "torch." + name;
 }
 
-// Where a tensor lives, as (device type, index): compared with ==, printed as Python does.
-struct Place {
-  int32_t type;
-  int32_t index;
-  bool operator==(const Place& o) const { return type == o.type && index == o.index; }
-  bool operator!=(const Place& o) const { return !(*this == o); }
-};
-
-inline Place place_of(const Tensor& t) {
-  Place p{};
-  shim_check(aoti_torch_get_device_type(t.get(), &p.type), "aoti_torch_get_device_type");
-  shim_check(aoti_torch_get_device_index(t.get(), &p.index), "aoti_torch_get_device_index");
-  return p;
-}
-
 inline std::string place_str(const Place& p) {
   std::string name;
   if (p.type == aoti_torch_device_type_cpu()) {
@@ -143,19 +217,15 @@ inline std::string place_str(const Place& p) {
   return p.index >= 0 && p.type != aoti_torch_device_type_cpu() ? cat(name, ":", p.index) : name;
 }
 
-// A new uninitialised tensor with the given sizes and strides, on `like`'s device.
-inline Tensor empty_strided_like(const Tensor& like, std::array<int64_t, 2> sizes, std::array<int64_t, 2> strides,
-                                 ScalarType dtype) {
-  const Place p = place_of(like);
-  int32_t shim_dtype = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+// A new uninitialised (m, k) row-major tensor on `like`'s device.
+inline OwnedHandle empty_rows_like(const TensorRef& like, int64_t m, int64_t k, ScalarType dtype) {
+  const Place& p = place_of(like);
+  const std::array<int64_t, 2> sizes{m, k}, strides{k, 1};
+  const int32_t shim_dtype = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
   AtenTensorHandle handle = nullptr;
   shim_check(aoti_torch_empty_strided(2, sizes.data(), strides.data(), shim_dtype, p.type, p.index, &handle),
              "aoti_torch_empty_strided");
-  return Tensor(handle);
-}
-
-inline Tensor empty_like_rows(const Tensor& like, int64_t m, int64_t k, ScalarType dtype) {
-  return empty_strided_like(like, {m, k}, {k, 1}, dtype);
+  return OwnedHandle(handle);
 }
 
 #define FMO_PREFIX "moe::shuffle_mul_sum: "
@@ -167,14 +237,14 @@ struct CombineShape {
   int64_t rows;  // rows of input (R)
 };
 
-inline void check_input(const Tensor& input) {
+inline void check_input(const TensorRef& input) {
   FMO_CHECK(input.dim() == 2, FMO_PREFIX "input must be a 2-D tensor (R, K), got ", input.dim(), "-D with shape ",
             shape_str(input));
   FMO_CHECK(is_supported_float(dtype_of(input)),
             FMO_PREFIX "input must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(input)));
 }
 
-inline void check_factors_type(const Tensor& input, const Tensor& factors) {
+inline void check_factors_type(const TensorRef& input, const TensorRef& factors) {
   FMO_CHECK(is_supported_float(dtype_of(factors)),
             FMO_PREFIX "factors must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(factors)));
   const Place pi = place_of(input), pf = place_of(factors);
@@ -184,13 +254,13 @@ inline void check_factors_type(const Tensor& input, const Tensor& factors) {
 
 // The checks after input's and factors' own: permutation (or identity) against (M, topk), out_dtype.
 // `perm_flat`: a 2-D (M, topk) permutation of the internal op, checked as its flattened (M*topk,) self.
-inline void check_rest(const Tensor& input, const std::optional<Tensor>& permutation, const CombineShape& s,
+inline void check_rest(const TensorRef& input, const std::optional<TensorRef>& permutation, const CombineShape& s,
                        std::optional<ScalarType> out_dtype, bool perm_flat) {
   if (!permutation.has_value()) {
     FMO_CHECK(s.rows == s.m * s.topk, FMO_PREFIX "permutation=None (identity) needs input.shape[0] == M*topk = ", s.m,
               "*", s.topk, " = ", s.m * s.topk, ", got input.shape[0] = ", s.rows);
   } else {
-    const Tensor& p = *permutation;
+    const TensorRef& p = *permutation;
     FMO_CHECK(dtype_of(p) == ScalarType::Int || dtype_of(p) == ScalarType::Long,
               FMO_PREFIX "permutation must have dtype int32 or int64, got ", dtype_str(dtype_of(p)));
     const int64_t dim = perm_flat ? 1 : p.dim();
@@ -209,7 +279,7 @@ inline void check_rest(const Tensor& input, const std::optional<Tensor>& permuta
   }
 }
 
-inline CombineShape check_args(const Tensor& input, const std::optional<Tensor>& permutation, const Tensor& factors,
+inline CombineShape check_args(const TensorRef& input, const std::optional<TensorRef>& permutation, const TensorRef& factors,
                                std::optional<ScalarType> out_dtype, bool perm_flat = false) {
   check_input(input);
   FMO_CHECK(factors.dim() == 2, FMO_PREFIX "factors must be a 2-D tensor (M, topk), got ", factors.dim(),
@@ -240,8 +310,8 @@ struct CombineOptions {
   int64_t factor_round = kNoRound;
   bool factors_per_row = false;        // factors is (R,): slot (i, j) uses factors[p], p its (wrapped) row
   float scale = 1.f;                   // out = scale * sum + addend, in float32, rounded once
-  std::optional<Tensor> addend;        // (M, K), last dimension dense, any row stride (0: broadcast)
-  std::optional<Tensor> row_mask;      // bool (R,): a row whose entry is true reads as zeros (0 * factor)
+  std::optional<TensorRef> addend;     // (M, K), last dimension dense, any row stride (0: broadcast)
+  std::optional<TensorRef> row_mask;   // bool (R,): a row whose entry is true reads as zeros (0 * factor)
 };
 
 #if defined(__CUDACC__)
@@ -258,7 +328,7 @@ FMO_HOST_DEVICE inline float round_factor(float w, int64_t mode) {
 
 // The addend of the internal op: broadcastable to (M, K) (a residual, a bias), or, with more than
 // two dimensions, M*K elements in row-major (M, K) order (the residual of `out.view(b, s, h) + r`).
-inline bool addend_fits(const Tensor& a, int64_t m, int64_t k) {
+inline bool addend_fits(const TensorRef& a, int64_t m, int64_t k) {
   if (a.dim() > 2) return a.size(-1) == k && a.numel() == m * k;
   const int64_t want[2] = {m, k};
   for (int64_t d = 0; d < a.dim(); ++d) {
@@ -269,8 +339,8 @@ inline bool addend_fits(const Tensor& a, int64_t m, int64_t k) {
 }
 
 // aten::expand through the dispatcher (torch/csrc/stable has no wrapper for it).
-inline Tensor expand(const Tensor& t, std::array<int64_t, 2> sizes) {
-  std::array<StableIValue, 3> stack{torch::stable::detail::from(t),
+inline Tensor expand(const TensorRef& t, std::array<int64_t, 2> sizes) {
+  std::array<StableIValue, 3> stack{torch::stable::detail::from(shared_tensor(t)),
                                     torch::stable::detail::from(torch::headeronly::IntHeaderOnlyArrayRef(
                                         sizes.data(), sizes.size())),
                                     torch::stable::detail::from(false)};
@@ -278,26 +348,27 @@ inline Tensor expand(const Tensor& t, std::array<int64_t, 2> sizes) {
   return torch::stable::detail::to<Tensor>(stack[0]);
 }
 
-// The addend as (M, K) rows whose last dimension is dense (rows may repeat: row stride 0).
-inline Tensor addend_as_rows(const Tensor& a, int64_t m, int64_t k) {
+// The addend as (M, K) rows whose last dimension is dense (rows may repeat: row stride 0): nullopt
+// when the addend is read in place (the kernel takes its row stride, 0 for a broadcast row), else
+// the new tensor.
+inline std::optional<Tensor> addend_as_rows(const TensorRef& a, int64_t m, int64_t k) {
   const bool dense_row = a.dim() >= 1 && a.size(-1) == k && (k <= 1 || a.stride(-1) == 1);
-  if (a.dim() <= 2 && dense_row && (a.dim() == 1 || a.size(0) == m || a.size(0) == 1)) {
-    return a;  // read in place: the kernel takes its row stride (0 for a broadcast row)
-  }
-  Tensor rows = a.dim() > 2 ? torch::stable::reshape(a, {m, k}) : expand(a, {m, k});
-  return (k > 1 && rows.stride(1) != 1) ? torch::stable::contiguous(rows) : rows;
+  if (a.dim() <= 2 && dense_row && (a.dim() == 1 || a.size(0) == m || a.size(0) == 1)) return std::nullopt;
+  Tensor rows = a.dim() > 2 ? torch::stable::reshape(shared_tensor(a), {m, k}) : expand(a, {m, k});
+  if (k > 1 && rows.stride(1) != 1) rows = torch::stable::contiguous(rows);
+  return rows;
 }
 
 // Row stride of an addend as addend_as_rows returns it (1-D or a broadcast row: 0).
-inline int64_t addend_row_stride(const Tensor& a) {
+inline int64_t addend_row_stride(const TensorRef& a) {
   if (a.dim() < 2 || a.size(0) == 1) return 0;
   return a.stride(0);
 }
 
 // Checks of the internal op (the public op's checks, plus the options). A 2-D (M, topk) permutation
 // is what carries M and topk when the factors are per row.
-inline CombineShape check_fused_args(const Tensor& input, const std::optional<Tensor>& permutation,
-                                     const Tensor& factors, std::optional<ScalarType> out_dtype,
+inline CombineShape check_fused_args(const TensorRef& input, const std::optional<TensorRef>& permutation,
+                                     const TensorRef& factors, std::optional<ScalarType> out_dtype,
                                      const CombineOptions& o) {
   FMO_CHECK(o.negative_index >= kSkipNegative && o.negative_index <= kNegativeIsError,
             FMO_PREFIX "negative_index must be 0 (skip), 1 (wrap) or 2 (error), got ", o.negative_index);
@@ -322,7 +393,7 @@ inline CombineShape check_fused_args(const Tensor& input, const std::optional<Te
     check_rest(input, permutation, s, out_dtype, /*perm_flat=*/true);
   }
   if (o.addend.has_value()) {
-    const Tensor& a = *o.addend;
+    const TensorRef& a = *o.addend;
     FMO_CHECK(addend_fits(a, s.m, s.k), FMO_PREFIX "addend must broadcast to (M, K) = (", s.m, ", ", s.k,
               ") or, with more than 2 dimensions, hold M*K elements with last dimension K, got ", shape_str(a));
     FMO_CHECK(is_supported_float(dtype_of(a)),
@@ -332,7 +403,7 @@ inline CombineShape check_fused_args(const Tensor& input, const std::optional<Te
               place_str(pa));
   }
   if (o.row_mask.has_value()) {
-    const Tensor& r = *o.row_mask;
+    const TensorRef& r = *o.row_mask;
     FMO_CHECK(dtype_of(r) == ScalarType::Bool && r.dim() == 1 && r.size(0) == s.rows,
               FMO_PREFIX "row_mask must be a 1-D bool tensor of input.shape[0] = ", s.rows, " entries, got ",
               dtype_str(dtype_of(r)), " of shape ", shape_str(r));
@@ -344,29 +415,29 @@ inline CombineShape check_fused_args(const Tensor& input, const std::optional<Te
 }
 
 // [first byte, last byte + 1) of the memory a tensor's elements live in.
-inline std::pair<uintptr_t, uintptr_t> byte_span(const Tensor& t) {
+inline std::pair<uintptr_t, uintptr_t> byte_span(const TensorRef& t) {
   const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
   int64_t extent = 1;
   for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
   return {start, start + static_cast<uintptr_t>(extent * static_cast<int64_t>(t.element_size()))};
 }
 
-inline bool spans_overlap(const Tensor& a, const Tensor& b) {
+inline bool spans_overlap(const TensorRef& a, const TensorRef& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
   const auto sa = byte_span(a), sb = byte_span(b);
   return sa.first < sb.second && sb.first < sa.second;
 }
 
 // at::has_internal_overlap(t) == MemOverlap::Yes: a dimension of size > 1 with stride 0.
-inline bool has_internal_overlap(const Tensor& t) {
+inline bool has_internal_overlap(const TensorRef& t) {
   for (int64_t d = 0; d < t.dim(); ++d) {
     if (t.size(d) > 1 && t.stride(d) == 0) return true;
   }
   return false;
 }
 
-inline void check_out(const Tensor& out, const Tensor& input, const std::optional<Tensor>& permutation,
-                      const Tensor& factors, const CombineShape& s) {
+inline void check_out(const TensorRef& out, const TensorRef& input, const std::optional<TensorRef>& permutation,
+                      const TensorRef& factors, const CombineShape& s) {
   FMO_CHECK(out.dim() == 2 && out.size(0) == s.m && out.size(1) == s.k, FMO_PREFIX "out must have shape (M, K) = (",
             s.m, ", ", s.k, "), got ", shape_str(out));
   FMO_CHECK(is_supported_float(dtype_of(out)),
@@ -408,10 +479,10 @@ struct PermLayout {
   int64_t stride_row = 0, stride_slot = 0;
 };
 
-inline PermLayout perm_layout(const std::optional<Tensor>& permutation, int64_t topk) {
+inline PermLayout perm_layout(const std::optional<TensorRef>& permutation, int64_t topk) {
   PermLayout l;
   if (!permutation.has_value()) return l;
-  const Tensor& p = *permutation;
+  const TensorRef& p = *permutation;
   l.data = p.data_ptr();
   l.is_int32 = dtype_of(p) == ScalarType::Int;
   if (p.dim() == 2) {
@@ -427,24 +498,25 @@ inline PermLayout perm_layout(const std::optional<Tensor>& permutation, int64_t 
 // A device's kernel: writes `dst` (M, K), whose last dimension is dense, from `input`, whose last
 // dimension is dense. Arguments are already checked. `factors` is (M, topk), or (R,) when
 // o.factors_per_row; `o.addend`, when present, has a dense last dimension.
-using CombineFn = void (*)(const Tensor& input, const PermLayout& perm, const Tensor& factors, const CombineShape& s,
-                           const CombineOptions& o, Tensor& dst);
+using CombineFn = void (*)(const TensorRef& input, const PermLayout& perm, const TensorRef& factors,
+                           const CombineShape& s, const CombineOptions& o, const TensorRef& dst);
 
-// Tensors are passed by reference down to the kernel: a stable Tensor's copy is a reference count's
-// atomic increment and decrement, which a decode-sized call pays in measurable fractions of a microsecond.
+// The kernel on what it reads: a strided input or addend is first made dense, a strided `out` is
+// written through a dense temporary (the rare paths, on torch::stable ops).
 template <CombineFn combine>
-void combine_into(const Tensor& input, const std::optional<Tensor>& permutation, const Tensor& factors,
-                  const CombineShape& s, const CombineOptions& o, Tensor& out) {
+void combine_into(const TensorRef& input, const std::optional<TensorRef>& permutation, const TensorRef& factors,
+                  const CombineShape& s, const CombineOptions& o, const TensorRef& out) {
   if (input.size(1) > 1 && input.stride(1) != 1) {  // rows may be strided; the last dimension must be dense
-    combine_into<combine>(torch::stable::contiguous(input), permutation, factors, s, o, out);
+    const Tensor dense = torch::stable::contiguous(shared_tensor(input));
+    combine_into<combine>(TensorRef(dense.get()), permutation, factors, s, o, out);
     return;
   }
   const PermLayout perm = perm_layout(permutation, s.topk);
   if (o.addend.has_value()) {
-    const Tensor rows = addend_as_rows(*o.addend, s.m, s.k);
-    if (rows.get() != o.addend->get()) {  // reshaped, expanded or made dense: a new tensor
+    const std::optional<Tensor> rows = addend_as_rows(*o.addend, s.m, s.k);
+    if (rows.has_value()) {  // reshaped, expanded or made dense: a new tensor
       CombineOptions dense = o;
-      dense.addend = rows;
+      dense.addend = TensorRef(rows->get());
       combine_into<combine>(input, permutation, factors, s, dense, out);
       return;
     }
@@ -453,46 +525,125 @@ void combine_into(const Tensor& input, const std::optional<Tensor>& permutation,
     combine(input, perm, factors, s, o, out);
     return;
   }
-  Tensor dst = empty_like_rows(out, s.m, s.k, dtype_of(out));  // an `out` with a strided last dimension
-  combine(input, perm, factors, s, o, dst);
-  torch::stable::copy_(out, dst);
+  Tensor dst(empty_rows_like(out, s.m, s.k, dtype_of(out)).release());  // an `out` with a strided last dimension
+  combine(input, perm, factors, s, o, TensorRef(dst.get()));
+  Tensor target = shared_tensor(out);
+  torch::stable::copy_(target, dst);
 }
 
-// The two overloads of the schema, for one device's kernel.
+// The two overloads of the schema, for one device's kernel. The result is a new owning handle.
 template <CombineFn combine>
-Tensor shuffle_mul_sum_functional(const Tensor& input, const std::optional<Tensor>& permutation,
-                                  const Tensor& factors, std::optional<ScalarType> out_dtype) {
+OwnedHandle shuffle_mul_sum_functional(const TensorRef& input, const std::optional<TensorRef>& permutation,
+                                       const TensorRef& factors, std::optional<ScalarType> out_dtype) {
   const CombineShape s = check_args(input, permutation, factors, out_dtype);
-  Tensor out = empty_like_rows(input, s.m, s.k, out_dtype.value_or(dtype_of(input)));
-  combine_into<combine>(input, permutation, factors, s, CombineOptions{}, out);
+  OwnedHandle out = empty_rows_like(input, s.m, s.k, out_dtype.value_or(dtype_of(input)));
+  combine_into<combine>(input, permutation, factors, s, CombineOptions{}, TensorRef(out.get()));
   return out;
 }
 
 template <CombineFn combine>
-Tensor shuffle_mul_sum_out(const Tensor& input, const std::optional<Tensor>& permutation, const Tensor& factors,
-                           Tensor out) {
+void shuffle_mul_sum_out(const TensorRef& input, const std::optional<TensorRef>& permutation,
+                         const TensorRef& factors, const TensorRef& out) {
   const CombineShape s = check_args(input, permutation, factors, std::nullopt);
   check_out(out, input, permutation, factors, s);
   combine_into<combine>(input, permutation, factors, s, CombineOptions{}, out);
-  return out;
 }
 
 // The internal op (ops.py: FUSED_SCHEMA), for one device's kernel.
 template <CombineFn combine>
-Tensor shuffle_mul_sum_fused(const Tensor& input, const std::optional<Tensor>& permutation, const Tensor& factors,
-                             std::optional<ScalarType> out_dtype, int64_t negative_index, int64_t factor_round,
-                             double scale, std::optional<Tensor> addend, std::optional<Tensor> row_mask) {
-  CombineOptions o;
-  o.negative_index = negative_index;
-  o.factor_round = factor_round;
-  o.factors_per_row = factors.dim() == 1;
-  o.scale = static_cast<float>(scale);
-  o.addend = std::move(addend);
-  o.row_mask = std::move(row_mask);
+OwnedHandle shuffle_mul_sum_fused(const TensorRef& input, const std::optional<TensorRef>& permutation,
+                                  const TensorRef& factors, std::optional<ScalarType> out_dtype,
+                                  const CombineOptions& o) {
   const CombineShape s = check_fused_args(input, permutation, factors, out_dtype, o);
-  Tensor out = empty_like_rows(input, s.m, s.k, out_dtype.value_or(dtype_of(input)));
-  combine_into<combine>(input, permutation, factors, s, o, out);
+  OwnedHandle out = empty_rows_like(input, s.m, s.k, out_dtype.value_or(dtype_of(input)));
+  combine_into<combine>(input, permutation, factors, s, o, TensorRef(out.get()));
   return out;
 }
+
+// ---- the boxed kernels the library registers -----------------------------------------------------
+// The dispatcher's stack holds owning handles for tensors (an optional one behind a heap-allocated
+// StableIValue) and takes an owning handle back for the result.
+namespace boxed {
+
+inline void check_arity(const char* op, uint64_t num_args, uint64_t want_args, uint64_t num_outputs) {
+  FMO_CHECK(num_args == want_args && num_outputs == 1, "moe::", op, ": the registered schema has ", num_args,
+            " arguments and ", num_outputs, " outputs, the kernel takes ", want_args, " and returns 1");
+}
+
+inline OwnedHandle take_tensor(StableIValue v) {
+  return OwnedHandle(torch::stable::detail::to<AtenTensorHandle>(v));
+}
+
+// As torch::stable's own unboxing of a `Tensor?` does it (stableivalue_conversions.h), without the
+// torch::stable::Tensor.
+inline OwnedHandle take_optional_tensor(StableIValue v) {
+  StableIValue* inner = torch::stable::detail::to<StableIValue*>(v);
+  if (inner == nullptr) return OwnedHandle();
+  OwnedHandle h(torch::stable::detail::to<AtenTensorHandle>(*inner));
+#if TORCH_FEATURE_VERSION >= TORCH_VERSION_2_13_0
+  shim_check(torch_delete_stable_ivalue(inner), "torch_delete_stable_ivalue");
+#else
+  delete inner;
+#endif
+  return h;
+}
+
+inline std::optional<TensorRef> ref_if(const OwnedHandle& h) {
+  if (h.get() == nullptr) return std::nullopt;
+  return TensorRef(h.get());
+}
+
+template <typename T>
+T take(StableIValue v) {
+  return torch::stable::detail::to<T>(v);
+}
+
+// shuffle_mul_sum(Tensor input, Tensor? permutation, Tensor factors, ScalarType? out_dtype) -> Tensor
+template <CombineFn combine>
+void functional(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  check_arity("shuffle_mul_sum", num_args, 4, num_outputs);
+  const OwnedHandle input = take_tensor(stack[0]), permutation = take_optional_tensor(stack[1]),
+                    factors = take_tensor(stack[2]);
+  const auto out_dtype = take<std::optional<ScalarType>>(stack[3]);
+  OwnedHandle out = shuffle_mul_sum_functional<combine>(TensorRef(input.get()), ref_if(permutation),
+                                                        TensorRef(factors.get()), out_dtype);
+  stack[0] = torch::stable::detail::from(out.release());
+}
+
+// shuffle_mul_sum.out(Tensor input, Tensor? permutation, Tensor factors, *, Tensor(a!) out) -> Tensor(a!)
+template <CombineFn combine>
+void out_variant(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  check_arity("shuffle_mul_sum.out", num_args, 4, num_outputs);
+  const OwnedHandle input = take_tensor(stack[0]), permutation = take_optional_tensor(stack[1]),
+                    factors = take_tensor(stack[2]);
+  OwnedHandle out = take_tensor(stack[3]);
+  shuffle_mul_sum_out<combine>(TensorRef(input.get()), ref_if(permutation), TensorRef(factors.get()),
+                               TensorRef(out.get()));
+  stack[0] = torch::stable::detail::from(out.release());  // the same tensor back
+}
+
+// _shuffle_mul_sum_fused(input, permutation?, factors, out_dtype?, negative_index, factor_round, scale,
+//                        addend?, row_mask?) -> Tensor
+template <CombineFn combine>
+void fused(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  check_arity("_shuffle_mul_sum_fused", num_args, 9, num_outputs);
+  const OwnedHandle input = take_tensor(stack[0]), permutation = take_optional_tensor(stack[1]),
+                    factors = take_tensor(stack[2]);
+  const auto out_dtype = take<std::optional<ScalarType>>(stack[3]);
+  const OwnedHandle addend = take_optional_tensor(stack[7]), row_mask = take_optional_tensor(stack[8]);
+  const TensorRef factors_ref(factors.get());
+  CombineOptions o;
+  o.negative_index = take<int64_t>(stack[4]);
+  o.factor_round = take<int64_t>(stack[5]);
+  o.scale = static_cast<float>(take<double>(stack[6]));
+  o.factors_per_row = factors_ref.dim() == 1;
+  o.addend = ref_if(addend);
+  o.row_mask = ref_if(row_mask);
+  OwnedHandle out = shuffle_mul_sum_fused<combine>(TensorRef(input.get()), ref_if(permutation), factors_ref,
+                                                   out_dtype, o);
+  stack[0] = torch::stable::detail::from(out.release());
+}
+
+}  // namespace boxed
 
 }  // namespace fused_moe_ops

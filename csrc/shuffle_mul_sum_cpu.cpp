@@ -151,8 +151,8 @@ void check_permutation_range(const CpuArgs& a) {
   }
 }
 
-void combine_cpu(const Tensor& input, const PermLayout& perm, const Tensor& factors, const CombineShape& s,
-                 const CombineOptions& o, Tensor& dst) {
+void combine_cpu(const TensorRef& input, const PermLayout& perm, const TensorRef& factors, const CombineShape& s,
+                 const CombineOptions& o, const TensorRef& dst) {
   CpuArgs a{};
   a.input = input.data_ptr();
   a.input_row_stride = input.stride(0);
@@ -185,30 +185,14 @@ void combine_cpu(const Tensor& input, const PermLayout& perm, const Tensor& fact
   selected().fn(a, dtype_of(input), dtype_of(dst));
 }
 
-Tensor functional(Tensor input, std::optional<Tensor> permutation, Tensor factors,
-                  std::optional<ScalarType> out_dtype) {
-  return shuffle_mul_sum_functional<combine_cpu>(input, permutation, factors, out_dtype);
-}
-
-Tensor out_variant(Tensor input, std::optional<Tensor> permutation, Tensor factors, Tensor out) {
-  return shuffle_mul_sum_out<combine_cpu>(input, permutation, factors, out);
-}
-
-Tensor fused(Tensor input, std::optional<Tensor> permutation, Tensor factors, std::optional<ScalarType> out_dtype,
-             int64_t negative_index, int64_t factor_round, double scale, std::optional<Tensor> addend,
-             std::optional<Tensor> row_mask) {
-  return shuffle_mul_sum_fused<combine_cpu>(input, permutation, factors, out_dtype, negative_index, factor_round,
-                                            scale, std::move(addend), std::move(row_mask));
-}
-
 }  // namespace
 
 // The schema is defined in Python (ops.py); so is the Autograd kernel (_registry.py: the stable
-// ABI has no autogradNotImplementedFallback).
+// ABI has no autogradNotImplementedFallback). The boxed kernels: shuffle_mul_sum.h.
 STABLE_TORCH_LIBRARY_IMPL(moe, CPU, m) {
-  m.impl("shuffle_mul_sum", TORCH_BOX(&functional));
-  m.impl("shuffle_mul_sum.out", TORCH_BOX(&out_variant));
-  m.impl("_shuffle_mul_sum_fused", TORCH_BOX(&fused));
+  m.impl("shuffle_mul_sum", &boxed::functional<combine_cpu>);
+  m.impl("shuffle_mul_sum.out", &boxed::out_variant<combine_cpu>);
+  m.impl("_shuffle_mul_sum_fused", &boxed::fused<combine_cpu>);
 }
 
 }  // namespace fused_moe_ops

@@ -331,8 +331,8 @@ void launch(const Params& base, int64_t m, int device) {
 
 int float_kind(ScalarType t) { return t == ScalarType::Float ? kF32 : (t == ScalarType::Half ? kF16 : kBF16); }
 
-void combine_cuda(const Tensor& input, const PermLayout& perm, const Tensor& factors, const CombineShape& s,
-                  const CombineOptions& o, Tensor& dst) {
+void combine_cuda(const TensorRef& input, const PermLayout& perm, const TensorRef& factors, const CombineShape& s,
+                  const CombineOptions& o, const TensorRef& dst) {
   const Place where = place_of(input);
   FMO_CHECK(where.type == aoti_torch_device_type_cuda(), FMO_PREFIX "the CUDA kernel got input on ", place_str(where));
   FMO_CHECK(s.m <= std::numeric_limits<int32_t>::max(), FMO_PREFIX "M must be < 2^31, got ", s.m);
@@ -376,28 +376,12 @@ void combine_cuda(const Tensor& input, const PermLayout& perm, const Tensor& fac
   });
 }
 
-Tensor functional(Tensor input, std::optional<Tensor> permutation, Tensor factors,
-                  std::optional<ScalarType> out_dtype) {
-  return shuffle_mul_sum_functional<combine_cuda>(input, permutation, factors, out_dtype);
-}
-
-Tensor out_variant(Tensor input, std::optional<Tensor> permutation, Tensor factors, Tensor out) {
-  return shuffle_mul_sum_out<combine_cuda>(input, permutation, factors, out);
-}
-
-Tensor fused(Tensor input, std::optional<Tensor> permutation, Tensor factors, std::optional<ScalarType> out_dtype,
-             int64_t negative_index, int64_t factor_round, double scale, std::optional<Tensor> addend,
-             std::optional<Tensor> row_mask) {
-  return shuffle_mul_sum_fused<combine_cuda>(input, permutation, factors, out_dtype, negative_index, factor_round,
-                                             scale, std::move(addend), std::move(row_mask));
-}
-
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(moe, CUDA, m) {
-  m.impl("shuffle_mul_sum", TORCH_BOX(&functional));
-  m.impl("shuffle_mul_sum.out", TORCH_BOX(&out_variant));
-  m.impl("_shuffle_mul_sum_fused", TORCH_BOX(&fused));
+  m.impl("shuffle_mul_sum", &boxed::functional<combine_cuda>);
+  m.impl("shuffle_mul_sum.out", &boxed::out_variant<combine_cuda>);
+  m.impl("_shuffle_mul_sum_fused", &boxed::fused<combine_cuda>);
 }
 
 }  // namespace fused_moe_ops
