@@ -211,8 +211,12 @@ void combine_rows(const CpuArgs& a) {
       // At most 16 prefetches a tile: more (float32, topk 8) crowd the loads they were to speed up
       // (measured: docs/BENCHMARKS.md, stable-ABI CPU kernel).
       const bool prefetch = n * kTileBytes <= 1024;
+      // ... and none past the row's end: those lines belong to whatever lies after the row (another
+      // row, read later or never), and on short rows (K 4096 in 16 bits: 8 KiB) they were 1/8 more traffic.
+      const int64_t prefetch_end = k - kPrefetchBytes / static_cast<int64_t>(sizeof(in_t));
       int64_t c = c_begin;
       for (; c + kTile <= c_end; c += kTile) {
+        const bool prefetch_tile = prefetch && c < prefetch_end;
         VecF acc[kTileRegs];
         for (int r = 0; r < kTileRegs; ++r) acc[r] = splat(acc0);
         for (int64_t s = 0; s < n; ++s) {
@@ -220,7 +224,7 @@ void combine_rows(const CpuArgs& a) {
           const in_t* row = src[s] + c;
           // The rows are visited in routing order, so the hardware prefetcher, which stops at each
           // 4 KiB page, restarts on every page of every row: ask for the lines kPrefetchBytes ahead.
-          if (prefetch) {
+          if (prefetch_tile) {
             for (int64_t b = 0; b < kTileBytes; b += 64) {
               __builtin_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes + b);
             }
