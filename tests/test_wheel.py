@@ -164,11 +164,19 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x = torch.randn(r, k, generator=g).to(dtype)
         perm = torch.randint(-1, r, (m * topk,), generator=g)  # -1: no contribution
         w = torch.rand(m, topk, generator=g) * 1.5 - 0.25
-        out = torch.ops.moe.shuffle_mul_sum(x, perm, w.to(dtype))
         ref, s = combine64(x, perm, w.to(dtype))
         bound = (topk + 2) * 2.0 ** -24 * s + 2.0 ** -24 * ref.abs() + U[dtype] * ref.abs() * 1.01 + TINY[dtype] + TINY[torch.float32]
-        ratio = ((out.double() - ref).abs() / bound).max().item()
-        worst = max(worst, ratio)
+        # The functional form, the out= form into a NaN-poisoned buffer (its overlap checks) and into a
+        # transposed one (a dense temporary, then aten::copy_ through the dispatcher), and a strided input.
+        dense_out = torch.full((m, k), float("nan"), dtype=dtype)
+        t_out = torch.full((k, m), float("nan"), dtype=dtype).t()
+        results = [torch.ops.moe.shuffle_mul_sum(x, perm, w.to(dtype)),
+                   torch.ops.moe.shuffle_mul_sum.out(x, perm, w.to(dtype), out=dense_out),
+                   torch.ops.moe.shuffle_mul_sum.out(x, perm, w.to(dtype), out=t_out),
+                   torch.ops.moe.shuffle_mul_sum(x.t().contiguous().t(), perm, w.to(dtype))]
+        for out in results:
+            err = ((out.double() - ref).abs() / bound).max().item()
+            worst = max(worst, err if err == err else float("inf"))  # a NaN left in out fails
 r = _build.RESULTS["cpu"]
 print(json.dumps({"worst_err_over_bound": worst, "isa": r.isa, "origin": r.origin,
                   "torch_capability": torch.backends.cpu.get_cpu_capability()}))
