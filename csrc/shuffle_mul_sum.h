@@ -10,10 +10,10 @@
 // file:line).
 //
 // The checks and kernels read their tensors through TensorRef (a borrowed handle and its metadata,
-// read once), and the boxed kernels unbox the dispatcher's stack by hand (boxed_functional and its
-// siblings, at the end): TORCH_BOX would wrap every tensor in a torch::stable::Tensor, a shared_ptr
-// whose allocation and atomic counts, with a shim call for every size, stride and dtype the checks
-// read, cost a decode-sized call (M = 1: about 2 us in all) a measurable share.
+// read once), and the boxed kernels (namespace boxed, at the end) unbox the dispatcher's stack
+// themselves. TORCH_BOX would wrap every tensor in a torch::stable::Tensor (a shared_ptr: a heap
+// allocation and atomic counts each), and every size, stride or dtype read through one is a shim
+// call: together a measurable share of a decode-sized call (about 2 us at M = 1).
 #pragma once
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -115,7 +115,6 @@ class TensorRef {
     return n;
   }
   ScalarType dtype() const { return dtype_; }
-  int32_t dtype_code() const { return dtype_code_; }
   const Place& place() const { return place_; }
   int64_t element_size() const { return static_cast<int64_t>(aoti_torch_dtype_element_size(dtype_code_)); }
   // Read when asked: only once the checks have passed.
@@ -279,8 +278,9 @@ inline void check_rest(const TensorRef& input, const std::optional<TensorRef>& p
   }
 }
 
-inline CombineShape check_args(const TensorRef& input, const std::optional<TensorRef>& permutation, const TensorRef& factors,
-                               std::optional<ScalarType> out_dtype, bool perm_flat = false) {
+inline CombineShape check_args(const TensorRef& input, const std::optional<TensorRef>& permutation,
+                               const TensorRef& factors, std::optional<ScalarType> out_dtype,
+                               bool perm_flat = false) {
   check_input(input);
   FMO_CHECK(factors.dim() == 2, FMO_PREFIX "factors must be a 2-D tensor (M, topk), got ", factors.dim(),
             "-D with shape ", shape_str(factors));

@@ -208,8 +208,9 @@ def main(argv=None) -> int:
     summary = dict(
         machine=native_build.cpu_isa(), isa=isa, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         baseline_rev=args.baseline_rev, grad_mode=args.grad_mode, threads=1, copy_bw_gbs=copy_bw / 1e9,
-        load_before=load_before, load_after=load_after, min_kernel_ratio=min(kernel_ratios),
-        median_kernel_ratio=statistics.median(kernel_ratios), kernel_ratios_below_0_95=sum(r < 0.95 for r in kernel_ratios),
+        load_before=load_before, load_after=load_after,
+        min_kernel_ratio=min(kernel_ratios), median_kernel_ratio=statistics.median(kernel_ratios),
+        kernel_ratios_below_0_95=sum(r < 0.95 for r in kernel_ratios),
         min_ratio=min(ratios), median_ratio=statistics.median(ratios), ratios_below_0_95=sum(r < 0.95 for r in ratios),
         shapes=len(rows))
     print(json.dumps(summary))
