@@ -106,6 +106,63 @@ def test_aten_cpu_capability_caps_the_kernel_copy(capability):
     assert info["worst_rel"] < 2 ** -7, info
 
 
+CONVERSION_PROBE = """
+    import json, torch, fused_moe_ops
+    from fused_moe_ops import build as _build
+    bad = {}
+    def same(got, want):  # bit for bit, any NaN matching any NaN
+        g, w = got.float(), want.float()
+        ok = (g == w) | (g.isnan() & w.isnan())
+        return int((~ok).sum())
+    # Loads: every 16-bit pattern, as a row read with factor 1 into float32 (the kernel's float32
+    # accumulator starts at +0, so -0 reads as +0: eager's sum gives the same).
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 4096)
+        p = torch.arange(x.shape[0])
+        w = torch.ones(x.shape[0], 1)
+        got = torch.ops.moe.shuffle_mul_sum(x, p, w, torch.float32)
+        bad[f"load {dtype}"] = same(got, x.float() + 0.0)
+    # Stores: float32 values at every rounding boundary of both 16-bit types (ties to even, both
+    # sides of each), subnormals, overflow to inf, inf, NaN, signed zeros.
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    edges = []
+    for dtype in (torch.float16, torch.bfloat16):
+        v = halves.view(dtype).float()
+        nxt = torch.nextafter(v, torch.full_like(v, float("inf")))
+        mid = (v.double() + nxt.double()) / 2
+        for t in (mid, torch.nextafter(mid.float(), torch.zeros_like(v)).double(), mid + mid.abs() * 2 ** -30):
+            edges.append(t.float())
+        edges.append(v)
+    edges.append(torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e30, -1e30, 3.4e38, float("inf"),
+                               float("-inf"), float("nan"), 2 ** -24, 2 ** -25, 1.5 * 2 ** -25, 2 ** -149, 1e-40]))
+    y = torch.cat(edges).nan_to_num(nan=float("nan"))
+    y = torch.cat([y, torch.zeros((-y.numel()) % 1024)]).reshape(-1, 1024)
+    p = torch.arange(y.shape[0])
+    w = torch.ones(y.shape[0], 1)
+    for dtype in (torch.float16, torch.bfloat16):
+        got = torch.ops.moe.shuffle_mul_sum(y, p, w, dtype)
+        bad[f"store {dtype}"] = same(got, (y + 0.0).to(dtype))
+    print(json.dumps({"isa": _build.RESULTS["cpu"].isa, "mismatches": bad}))
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "host_widest"])
+def test_kernel_copy_converts_16_bit_types_bit_exactly(capability):
+    """Each copy's float16 / bfloat16 conversions (the baseline copy's are its own bit arithmetic) give
+    torch's bits: every 16-bit pattern loaded, every rounding boundary stored."""
+    env = dict(os.environ)
+    if capability == "host_widest":
+        env.pop("ATEN_CPU_CAPABILITY", None)
+    elif _build.cpu_isa() == "default" and capability != "default":
+        pytest.skip("this CPU has no AVX2")
+    else:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    info = _last_json(_python(CONVERSION_PROBE, cwd=str(ROOT), env=env))
+    if capability != "host_widest":
+        assert info["isa"] == capability.upper(), info
+    assert all(n == 0 for n in info["mismatches"].values()), info
+
+
 # --- CUDA: compiled on request, here without a GPU ------------------------------------------------
 
 CUDA_PROBE = """
