@@ -163,6 +163,29 @@ def test_kernel_copy_converts_16_bit_types_bit_exactly(capability):
     assert all(n == 0 for n in info["mismatches"].values()), info
 
 
+@pytest.mark.parametrize("target", ["host_baseline_copy", "aarch64_under_qemu"])
+def test_kernel_probe_runs_the_baseline_copy_without_torch(target):
+    """scripts/cross_arch/check.sh: the CPU kernel's translation unit built without torch and run,
+    its baseline copy (the one every aarch64 CPU runs) checked bit for bit on the 16-bit conversions
+    and against a float64 reference on random combines. Here on the host (so the probe keeps
+    compiling against the kernel), and for aarch64 under qemu-user where the cross toolchain is."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    if target == "aarch64_under_qemu":
+        if not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")):
+            pytest.skip("needs g++-aarch64-linux-gnu and qemu-user (apt)")
+        args = []
+    else:
+        if shutil.which("g++") is None:
+            pytest.skip("needs g++")
+        args = ["--host"]
+        env["ATEN_CPU_CAPABILITY"] = "default"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "cross_arch" / "check.sh"), *args], capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("kernel copy: DEFAULT") == 2, proc.stdout
+    assert proc.stdout.count("all checks passed") == 2, proc.stdout
+
+
 # --- CUDA: compiled on request, here without a GPU ------------------------------------------------
 
 CUDA_PROBE = """
