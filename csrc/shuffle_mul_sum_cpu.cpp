@@ -49,6 +49,7 @@ struct CpuArgs {
   int64_t row_mask_stride;
   ScalarType addend_type;
   int64_t addend_row_stride;
+  bool row_prefetch = true;  // software prefetch along each row (select_kernel says where it is off)
 };
 
 }  // namespace fused_moe_ops
@@ -101,11 +102,12 @@ using CopyFn = void (*)(const CpuArgs&, ScalarType, ScalarType);
 struct SelectedKernel {
   CopyFn fn;
   const char* isa;
+  bool row_prefetch;
 };
 
 // The widest copy this CPU runs (the OS saving its registers too: __builtin_cpu_supports checks
 // XCR0), capped by ATEN_CPU_CAPABILITY as ATen caps its own kernels.
-SelectedKernel select_kernel() {
+SelectedKernel select_copy() {
 #if FMO_X86
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -114,11 +116,26 @@ SelectedKernel select_kernel() {
   std::string cap;
   if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) cap = env;
   for (auto& ch : cap) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  if (cap == "default") return {&DEFAULT::combine_cpu, "DEFAULT"};
-  if (avx512 && cap != "avx2") return {&AVX512::combine_cpu, "AVX512"};
-  if (avx2) return {&AVX2::combine_cpu, "AVX2"};
+  if (cap == "default") return {&DEFAULT::combine_cpu, "DEFAULT", true};
+  if (avx512 && cap != "avx2") return {&AVX512::combine_cpu, "AVX512", true};
+  // The software prefetch along each row (shuffle_mul_sum_cpu_kernel.h says why) is kept where it
+  // was measured to help or not to hurt (an Intel Xeon: AVX-512 and AVX2 copies; an AVX-512 EPYC: AVX-512)
+  // and left out of the AVX2 copy on AMD CPUs: on a Zen 3 EPYC that copy ran 0.73-0.94x of the
+  // unprefetched ac2f0a7 kernel at M >= 64 with it, 0.97-1.47x without (docs/BENCHMARKS.md).
+  if (avx2) return {&AVX2::combine_cpu, "AVX2", !__builtin_cpu_is("amd")};
 #endif
-  return {&DEFAULT::combine_cpu, "DEFAULT"};
+  return {&DEFAULT::combine_cpu, "DEFAULT", true};
+}
+
+// The copy, with FUSED_MOE_OPS_CPU_PREFETCH=0 / 1 overriding where the row prefetch is on.
+SelectedKernel select_kernel() {
+  SelectedKernel kernel = select_copy();
+  if (const char* env = std::getenv("FUSED_MOE_OPS_CPU_PREFETCH")) {
+    const std::string v = env;
+    if (v == "0") kernel.row_prefetch = false;
+    if (v == "1") kernel.row_prefetch = true;
+  }
+  return kernel;
 }
 
 const SelectedKernel& selected() {
@@ -180,6 +197,7 @@ void combine_cpu(const TensorRef& input, const PermLayout& perm, const TensorRef
     a.addend_type = dtype_of(*o.addend);
     a.addend_row_stride = addend_row_stride(*o.addend);
   }
+  a.row_prefetch = selected().row_prefetch;
   check_permutation_range(a);  // before anything is written, even when K = 0
   if (s.m == 0 || s.k == 0) return;
   selected().fn(a, dtype_of(input), dtype_of(dst));
@@ -200,4 +218,9 @@ STABLE_TORCH_LIBRARY_IMPL(moe, CPU, m) {
 // Which copy runs ("AVX512", "AVX2" or "DEFAULT"): build.py reads it with ctypes for the report.
 extern "C" __attribute__((visibility("default"))) const char* fused_moe_ops_cpu_isa() {
   return fused_moe_ops::selected().isa;
+}
+
+// Whether that copy prefetches along each row (1) or not (0): the report shows it too.
+extern "C" __attribute__((visibility("default"))) int fused_moe_ops_cpu_row_prefetch() {
+  return fused_moe_ops::selected().row_prefetch ? 1 : 0;
 }

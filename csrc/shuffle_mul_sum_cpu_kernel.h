@@ -224,7 +224,7 @@ void combine_rows(const CpuArgs& a) {
   auto body = [&](int64_t begin, int64_t end) {
     // Loop invariants as locals: the vector stores below may alias anything (the intrinsics' types
     // are may_alias), so what the closure holds by reference would be reloaded after every store.
-    const bool epilogue_on = has_epilogue;
+    const bool epilogue_on = has_epilogue, row_prefetch = a.row_prefetch;
     const int64_t n_chunks = chunks, cols = chunk_cols;
     // A token's live slots: on the stack for every real router's topk, on the heap beyond.
     constexpr int64_t kStackSlots = 64;
@@ -263,7 +263,7 @@ void combine_rows(const CpuArgs& a) {
       out_t* dst = out + i * a.out_row_stride;
       // At most 16 prefetches a tile: more (float32, topk 8) crowd the loads they were to speed up
       // (measured: docs/BENCHMARKS.md, stable-ABI CPU kernel).
-      const bool prefetch = n * kTileBytes <= 1024;
+      const bool prefetch = row_prefetch && n * kTileBytes <= 1024;
       // ... and none past the row's end: those lines belong to whatever lies after the row (another
       // row, read later or never), and on short rows (K 4096 in 16 bits: 8 KiB) they were 1/8 more traffic.
       const int64_t prefetch_end = k - kPrefetchBytes / static_cast<int64_t>(sizeof(in_t));
@@ -276,7 +276,8 @@ void combine_rows(const CpuArgs& a) {
           const VecF ws = splat(w[s]);
           const in_t* row = src[s] + c;
           // The rows are visited in routing order, so the hardware prefetcher, which stops at each
-          // 4 KiB page, restarts on every page of every row: ask for the lines kPrefetchBytes ahead.
+          // 4 KiB page, restarts on every page of every row: ask for the lines kPrefetchBytes ahead
+          // (in the copies and on the CPUs where that was measured to pay: select_kernel).
           if (prefetch_tile) {
             for (int64_t b = 0; b < kTileBytes; b += 64) {
               __builtin_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes + b);

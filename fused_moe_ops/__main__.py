@@ -29,6 +29,7 @@ ENV_VARS = (
     "FUSED_MOE_OPS_NO_CUDA",
     "FUSED_MOE_OPS_BUILD_CUDA",
     "ATEN_CPU_CAPABILITY",
+    "FUSED_MOE_OPS_CPU_PREFETCH",
     "FUSED_MOE_OPS_CUDA_BACKEND",
     "FUSED_MOE_OPS_DISABLE_FUSION",
     "CUDA_HOME",
@@ -148,6 +149,7 @@ def collect() -> Dict[str, Any]:
             "built_now": r.built_now,
             "origin": r.origin,
             "isa": r.isa,
+            "row_prefetch": r.row_prefetch,
             "note": r.note,
             "flags": list(r.flags),
         }
@@ -188,6 +190,8 @@ def _build_line(b: Dict[str, Any]) -> str:
     if b["state"] == "ok":
         origin = {"wheel": "from the wheel", "cache": "from cache", "compiled": "compiled now"}.get(b["origin"], "")
         isa = f", {b['isa']}" if b.get("isa") else ""
+        if b.get("row_prefetch") is False:
+            isa += ", no row prefetch"
         return f"ok ({origin}{isa})  {b['library']}"
     if b["state"] == "skipped":
         return f"skipped: {b['skipped']}"

@@ -106,6 +106,52 @@ def test_aten_cpu_capability_caps_the_kernel_copy(capability):
     assert info["worst_rel"] < 2 ** -7, info
 
 
+PREFETCH_PROBE = """
+    import hashlib, json, torch, fused_moe_ops
+    from fused_moe_ops import build as _build
+    g = torch.Generator().manual_seed(1)
+    digest, worst = hashlib.sha256(), 0.0
+    # topk 8 rows, K off the tile: tiles of <= 1024 bytes, the ones the row prefetch serves.
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        m, topk, k, rows = 6, 8, 4160, 40
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        p = torch.randint(-1, rows, (m * topk,), generator=g)
+        w = torch.rand(m, topk, generator=g)
+        got = torch.ops.moe.shuffle_mul_sum(x, p, w)
+        digest.update(got.view(torch.int16 if got.element_size() == 2 else torch.int32).numpy().tobytes())
+        ref = (x.double()[p.clamp(min=0)] * (p >= 0).double().unsqueeze(1)).view(m, topk, k)
+        ref = (ref * w.double().view(m, topk, 1)).sum(1)
+        worst = max(worst, ((got.double() - ref).abs() / (ref.abs() + 1e-3)).max().item())
+    r = _build.RESULTS["cpu"]
+    print(json.dumps({"isa": r.isa, "row_prefetch": r.row_prefetch, "digest": digest.hexdigest(), "worst_rel": worst}))
+"""
+
+
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def test_row_prefetch_is_chosen_at_load_and_overridable():
+    """The software row prefetch is off in the AVX2 copy on AMD CPUs (where it was measured to slow
+    the kernel down) and on elsewhere; FUSED_MOE_OPS_CPU_PREFETCH=0 / 1 overrides. It changes
+    speed only: the outputs are the same bits either way, and right."""
+    env = {k: v for k, v in os.environ.items() if k != "FUSED_MOE_OPS_CPU_PREFETCH"}
+    runs = {setting: _last_json(_python(PREFETCH_PROBE, cwd=str(ROOT),
+                                        env=env if setting is None else dict(env, FUSED_MOE_OPS_CPU_PREFETCH=setting)))
+            for setting in (None, "0", "1")}
+    isa = runs[None]["isa"]
+    assert runs[None]["row_prefetch"] is not (isa == "AVX2" and _cpu_vendor() == "AuthenticAMD"), runs
+    assert runs["0"]["row_prefetch"] is False and runs["1"]["row_prefetch"] is True, runs
+    assert len({r["digest"] for r in runs.values()}) == 1, runs
+    assert all(r["worst_rel"] < 2 ** -7 for r in runs.values()), runs
+
+
 CONVERSION_PROBE = """
     import json, torch, fused_moe_ops
     from fused_moe_ops import build as _build

@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     isa = current.isa or "DEFAULT"
     repo = Path(fused_moe_ops.__file__).resolve().parent.parent
     work = native_build.cache_root() / f"baseline_{args.baseline_rev}_{isa.lower()}"  # ninja skips a finished build
+    print(f"current kernel: the {isa} copy, row prefetch {'on' if current.row_prefetch else 'off'}", file=sys.stderr)
     print(f"building (or finding) the baseline ({args.baseline_rev}, {isa}) in {work} ...", file=sys.stderr, flush=True)
     build_baseline(args.baseline_rev, isa, repo, work)
     ops_by_name = {"baseline": getattr(torch.ops, BASELINE_NS).shuffle_mul_sum.default,
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     ratios = [r["ratio"] for r in rows]
     kernel_ratios = [r["kernel_ratio"] for r in rows]
     summary = dict(
-        machine=native_build.cpu_isa(), isa=isa, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        machine=native_build.cpu_isa(), isa=isa, row_prefetch=current.row_prefetch, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         baseline_rev=args.baseline_rev, grad_mode=args.grad_mode, threads=1, copy_bw_gbs=copy_bw / 1e9,
         load_before=load_before, load_after=load_after,
         min_kernel_ratio=min(kernel_ratios), median_kernel_ratio=statistics.median(kernel_ratios),

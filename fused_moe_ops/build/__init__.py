@@ -45,7 +45,7 @@ import platform
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -66,6 +66,7 @@ class BuildResult:
     built_now: bool = False        # compiled in this process (vs. found in the wheel or the cache)
     origin: Optional[str] = None   # "wheel", "cache" or "compiled"
     isa: Optional[str] = None      # CPU: the kernel copy the library selected (DEFAULT, AVX2, AVX512)
+    row_prefetch: Optional[bool] = None  # CPU: whether that copy prefetches along each row
     note: Optional[str] = None     # e.g. why a wheel's library was not used
     flags: List[str] = dataclasses.field(default_factory=list)
 
@@ -315,16 +316,19 @@ def _jit(kind: str, sources: List[Path], cflags: List[str], cuda_cflags: List[st
     result.ok = True
 
 
-def _library_isa(library: str) -> Optional[str]:
-    """Which kernel copy the CPU library selected when it loaded (its exported fused_moe_ops_cpu_isa())."""
+def _library_isa(library: str) -> Tuple[Optional[str], Optional[bool]]:
+    """Which kernel copy the CPU library selected when it loaded, and whether it prefetches along each
+    row (its exported fused_moe_ops_cpu_isa() and fused_moe_ops_cpu_row_prefetch())."""
     import ctypes
 
     try:
-        fn = ctypes.CDLL(library).fused_moe_ops_cpu_isa
+        lib = ctypes.CDLL(library)
+        isa, prefetch = lib.fused_moe_ops_cpu_isa, lib.fused_moe_ops_cpu_row_prefetch
     except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_char_p
-    return fn().decode()
+        return None, None
+    isa.restype = ctypes.c_char_p
+    prefetch.restype = ctypes.c_int
+    return isa().decode(), bool(prefetch())
 
 
 def _describe(e: BaseException) -> str:
@@ -357,7 +361,7 @@ def build_cpu(verbose: bool = False) -> BuildResult:
             sources = [csrc_dir() / s for s in spec.CPU_SOURCES]
             _jit("cpu", sources, cpu_flags(), [], [], result, _verbose(verbose))
         torch.ops.moe.shuffle_mul_sum.default  # noqa: B018  (fails loudly if registration went wrong)
-        result.isa = _library_isa(result.library)
+        result.isa, result.row_prefetch = _library_isa(result.library)
     except Exception as e:  # noqa: BLE001 - any failure means "use the fallback", with the reason kept
         result.ok = False
         result.error = _describe(e)
