@@ -102,6 +102,10 @@ def _reference_functional(input, permutation, factors, out_dtype=None):
 
 def _setup_cpu() -> None:
     result = _build.build_cpu()
+    prefetch = os.environ.get("FUSED_MOE_OPS_CPU_PREFETCH")
+    if prefetch not in (None, "0", "1"):
+        warnings.warn(f"fused_moe_ops: FUSED_MOE_OPS_CPU_PREFETCH must be 0 (off) or 1 (on), got {prefetch!r}: "
+                      "ignored, the CPU kernel keeps its default", RuntimeWarning, stacklevel=3)
     if result.ok:
         ACTIVE["cpu"] = "cpp"
         return

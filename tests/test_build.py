@@ -150,6 +150,10 @@ def test_row_prefetch_is_chosen_at_load_and_overridable():
     assert runs["0"]["row_prefetch"] is False and runs["1"]["row_prefetch"] is True, runs
     assert len({r["digest"] for r in runs.values()}) == 1, runs
     assert all(r["worst_rel"] < 2 ** -7 for r in runs.values()), runs
+    # Any other value is ignored, and said so.
+    bad = _python(PREFETCH_PROBE, cwd=str(ROOT), env=dict(env, FUSED_MOE_OPS_CPU_PREFETCH="yes"))
+    assert _last_json(bad)["row_prefetch"] is runs[None]["row_prefetch"], bad.stdout
+    assert "FUSED_MOE_OPS_CPU_PREFETCH must be 0 (off) or 1 (on), got 'yes'" in bad.stderr, bad.stderr
 
 
 CONVERSION_PROBE = """
