@@ -316,7 +316,7 @@ def _jit(kind: str, sources: List[Path], cflags: List[str], cuda_cflags: List[st
     result.ok = True
 
 
-def _library_isa(library: str) -> Tuple[Optional[str], Optional[bool]]:
+def _library_kernel_choice(library: str) -> Tuple[Optional[str], Optional[bool]]:
     """Which kernel copy the CPU library selected when it loaded, and whether it prefetches along each
     row (its exported fused_moe_ops_cpu_isa() and fused_moe_ops_cpu_row_prefetch())."""
     import ctypes
@@ -361,7 +361,7 @@ def build_cpu(verbose: bool = False) -> BuildResult:
             sources = [csrc_dir() / s for s in spec.CPU_SOURCES]
             _jit("cpu", sources, cpu_flags(), [], [], result, _verbose(verbose))
         torch.ops.moe.shuffle_mul_sum.default  # noqa: B018  (fails loudly if registration went wrong)
-        result.isa, result.row_prefetch = _library_isa(result.library)
+        result.isa, result.row_prefetch = _library_kernel_choice(result.library)
     except Exception as e:  # noqa: BLE001 - any failure means "use the fallback", with the reason kept
         result.ok = False
         result.error = _describe(e)

@@ -66,7 +66,7 @@ T from_bits16(uint16_t u) {
 }
 
 // A plain call: out (m, k) = sum_j factors[i, j] * input[perm[i, j]], factors float32 (m, topk).
-CpuArgs plain_args(const void* input, ScalarType, int64_t rows, int64_t k, const int64_t* perm, const float* factors,
+CpuArgs plain_args(const void* input, int64_t rows, int64_t k, const int64_t* perm, const float* factors,
                    int64_t m, int64_t topk, void* out) {
   CpuArgs a{};
   a.input = input;
@@ -104,7 +104,7 @@ void check_loads(const char* name, ScalarType type) {
   std::vector<int64_t> perm(m);
   for (int64_t i = 0; i < m; ++i) perm[i] = i;
   std::vector<float> w(m, 1.f), out(65536, -12345.f);
-  run(plain_args(x.data(), type, m, k, perm.data(), w.data(), m, 1, out.data()), type, ScalarType::Float);
+  run(plain_args(x.data(), m, k, perm.data(), w.data(), m, 1, out.data()), type, ScalarType::Float);
   int64_t bad = 0;
   std::string first;
   for (int64_t i = 0; i < 65536; ++i) {
@@ -147,7 +147,7 @@ void check_stores(const char* name, ScalarType type) {
   for (int64_t i = 0; i < m; ++i) perm[i] = i;
   std::vector<float> w(m, 1.f);
   std::vector<T> out(y.size(), from_bits16<T>(0x7bcd));
-  run(plain_args(y.data(), ScalarType::Float, m, k, perm.data(), w.data(), m, 1, out.data()), ScalarType::Float, type);
+  run(plain_args(y.data(), m, k, perm.data(), w.data(), m, 1, out.data()), ScalarType::Float, type);
   int64_t bad = 0;
   std::string first;
   for (size_t i = 0; i < y.size(); ++i) {
