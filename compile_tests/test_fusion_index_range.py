@@ -9,6 +9,8 @@ decomposition leaves negative (an entry below -R, wrapped once by the decomposit
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -63,11 +65,16 @@ def _outcome(fn, *args):
         return None, e
 
 
-def _compile_under(fn, lowering, dynamic):
+@contextlib.contextmanager
+def _lowered_as(lowering):
+    """Inside: a fresh Dynamo, Inductor's choice on (conftest turns it off) and ``lowering`` forced."""
     torch._dynamo.reset()
-    ctx = autotune.forced_lowering(lowering)
-    ctx.__enter__()
-    return torch.compile(fn, dynamic=dynamic), ctx
+    autotune_was = fused_moe_ops.fusion.set_autotune(True)
+    try:
+        with autotune.forced_lowering(lowering):
+            yield
+    finally:
+        fused_moe_ops.fusion.set_autotune(autotune_was)
 
 
 def _assert_like_eager(got, eager, what):
@@ -98,13 +105,8 @@ def test_entry_below_minus_R_raises_under_every_lowering(spelling, dtype, loweri
     eager = _outcome(spelling, x, idx, w)
     assert eager[1] is not None
     fused_moe_ops.reset_fusion_stats()
-    compiled, ctx = _compile_under(spelling, lowering, dynamic)
-    autotune_was = fused_moe_ops.fusion.set_autotune(True)
-    try:
-        got = _outcome(compiled, x, idx, w)
-    finally:
-        fused_moe_ops.fusion.set_autotune(autotune_was)
-        ctx.__exit__(None, None, None)
+    with _lowered_as(lowering):
+        got = _outcome(torch.compile(spelling, dynamic=dynamic), x, idx, w)
     stats = fused_moe_ops.fusion_stats()
     assert stats["rewrites"] >= 1, stats
     if lowering is not None:  # the forced lowering is the one that ran (unrolled needs a static topk)
@@ -123,9 +125,8 @@ def test_every_entry_under_every_lowering(lowering, index_dtype):
     info = torch.iinfo(index_dtype)
     torch.manual_seed(1)
     x, w = torch.randn(R, 8), torch.rand(3, 4)
-    compiled, ctx = _compile_under(seed_line, lowering, False)
-    autotune_was = fused_moe_ops.fusion.set_autotune(True)
-    try:
+    with _lowered_as(lowering):
+        compiled = torch.compile(seed_line)
         for entry in ENTRIES:
             entry = entry.values[0]
             if not info.min <= entry <= info.max:
@@ -133,9 +134,6 @@ def test_every_entry_under_every_lowering(lowering, index_dtype):
             idx = torch.randperm(12).to(index_dtype)
             idx[2] = entry
             _assert_like_eager(_outcome(compiled, x, idx, w), _outcome(seed_line, x, idx, w), f"entry {entry}")
-    finally:
-        fused_moe_ops.fusion.set_autotune(autotune_was)
-        ctx.__exit__(None, None, None)
 
 
 def _reference_fused(x, perm, f, mode, row_mask, per_row):
@@ -180,9 +178,8 @@ def test_internal_op_lowerings_follow_each_negative_index_mode(lowering, mode, p
         return torch.ops.moe._shuffle_mul_sum_fused(x, perm, f, None, mode, 0, 1.0, None, mask)
 
     fused_moe_ops.reset_fusion_stats()
-    compiled, ctx = _compile_under(call, lowering, False)
-    autotune_was = fused_moe_ops.fusion.set_autotune(True)
-    try:
+    with _lowered_as(lowering):
+        compiled = torch.compile(call)
         for entry in (-R - 1, -R, -1, R, R - 1, -2 * R):
             perm = torch.randperm(R)[:12].view(3, 4)
             perm[0, 1] = perm[0, 2]  # a duplicate
@@ -196,7 +193,4 @@ def test_internal_op_lowerings_follow_each_negative_index_mode(lowering, mode, p
                 torch.testing.assert_close(value, expected[0], atol=1e-5, rtol=1e-5, equal_nan=True, msg=what)
             else:
                 _assert_like_eager(got, expected, what)
-    finally:
-        fused_moe_ops.fusion.set_autotune(autotune_was)
-        ctx.__exit__(None, None, None)
     assert fused_moe_ops.fusion_stats()["lowered"] == {lowering: 1}, fused_moe_ops.fusion_stats()
