@@ -29,13 +29,6 @@ _ONES: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
 _ARANGE: Dict[torch.device, Tensor] = {}
 
 
-def _require(condition, message) -> None:
-    # Not torch._check: Dynamo cannot trace a message closure over tensors. Under torch.compile the
-    # conditions are on static metadata (or guarded sizes), so the failing branch is never traced.
-    if not condition:
-        raise RuntimeError(message())
-
-
 def _capturing(device: torch.device) -> bool:
     # Inside a CUDA-graph capture a kernel is recorded, not run: a tensor filled there holds garbage
     # until the graph is replayed, so it must not be cached for eager calls.
@@ -82,32 +75,39 @@ def apply_shuffle_mul_sum(input: Tensor, output: Tensor, permutation: Tensor,
 
     Accumulates in float32, as ``moe::shuffle_mul_sum`` does.
     """
+    # Checks are plain `if ...: raise` (not torch._check): Dynamo cannot trace a message closure over
+    # tensors, and a closure built per call costs time in the eager path this signature is for.
     p = "fused_moe_ops.apply_shuffle_mul_sum: "
-    _require(output.dim() == 2, lambda: f"{p}output must be a 2-D tensor (M, K), got {output.dim()}-D "
-                 f"with shape {tuple(output.shape)}")
-    _require(permutation.dim() == 1, lambda: f"{p}permutation must be a 1-D tensor (M*topk,), got "
-                 f"{permutation.dim()}-D with shape {tuple(permutation.shape)}")
+    if output.dim() != 2:
+        raise RuntimeError(f"{p}output must be a 2-D tensor (M, K), got {output.dim()}-D with shape {tuple(output.shape)}")
+    if permutation.dim() != 1:
+        raise RuntimeError(f"{p}permutation must be a 1-D tensor (M*topk,), got {permutation.dim()}-D with shape "
+                           f"{tuple(permutation.shape)}")
     m, entries = output.shape[0], permutation.shape[0]
     if factors is not None and factors.dim() == 2:
         topk = factors.shape[1]
-        _require(factors.shape[0] == m, lambda: f"{p}factors as (M, topk) must have M = output.shape[0] = {m} "
-                     f"rows, got shape {tuple(factors.shape)}")
+        if factors.shape[0] != m:
+            raise RuntimeError(f"{p}factors as (M, topk) must have M = output.shape[0] = {m} rows, got shape "
+                               f"{tuple(factors.shape)}")
     elif m == 0:
         topk = 0
-        _require(entries == 0, lambda: f"{p}permutation must be empty when output has 0 rows, got {entries} entries")
+        if entries != 0:
+            raise RuntimeError(f"{p}permutation must be empty when output has 0 rows, got {entries} entries")
     else:
         topk = entries // m
-        _require(entries % m == 0, lambda: f"{p}permutation must have M*topk entries, a multiple of "
-                     f"M = output.shape[0] = {m}, got {entries}")
+        if entries % m != 0:
+            raise RuntimeError(f"{p}permutation must have M*topk entries, a multiple of M = output.shape[0] = {m}, "
+                               f"got {entries}")
     if factors is None:
         factors = _unit_factors(m, topk, input)
     elif factors.dim() == 1:
-        _require(factors.shape[0] == entries, lambda: f"{p}factors as (M*topk,) must have one entry per "
-                     f"permutation entry ({entries}), got shape {tuple(factors.shape)}")
+        if factors.shape[0] != entries:
+            raise RuntimeError(f"{p}factors as (M*topk,) must have one entry per permutation entry ({entries}), got "
+                               f"shape {tuple(factors.shape)}")
         factors = factors.view(m, topk)
-    else:
-        _require(factors.dim() == 2, lambda: f"{p}factors must be None, 1-D (M*topk,) or 2-D (M, topk), got "
-                     f"{factors.dim()}-D with shape {tuple(factors.shape)}")
+    elif factors.dim() != 2:
+        raise RuntimeError(f"{p}factors must be None, 1-D (M*topk,) or 2-D (M, topk), got {factors.dim()}-D with "
+                           f"shape {tuple(factors.shape)}")
     torch.ops.moe.shuffle_mul_sum.out(input, permutation, factors, out=output)
 
 
@@ -130,39 +130,42 @@ def moe_sum(input: Tensor, output: Tensor, topk_ids: Optional[Tensor] = None,
     A skipped slot adds nothing, whatever it holds (uninitialised memory, NaN). Accumulates in float32.
     """
     p = "fused_moe_ops.moe_sum: "
-    _require(input.dim() == 3, lambda: f"{p}input must be a 3-D tensor (num_tokens, topk, hidden_size), got "
-                 f"{input.dim()}-D with shape {tuple(input.shape)}")
+    if input.dim() != 3:
+        raise RuntimeError(f"{p}input must be a 3-D tensor (num_tokens, topk, hidden_size), got {input.dim()}-D with "
+                           f"shape {tuple(input.shape)}")
     m, topk, k = input.shape
-    _require(output.dim() == 2 and output.shape[0] == m and output.shape[1] == k,
-                 lambda: f"{p}output must have shape (num_tokens, hidden_size) = ({m}, {k}), got {tuple(output.shape)}")
-    _require(output.dtype == input.dtype, lambda: f"{p}output must have the same dtype as input ({input.dtype}), "
-                 f"got {output.dtype}")
-    if expert_map is not None:
-        _require(topk_ids is not None, lambda: f"{p}expert_map requires topk_ids (which expert each slot holds), "
-                     "got topk_ids=None")
+    if output.dim() != 2 or output.shape[0] != m or output.shape[1] != k:
+        raise RuntimeError(f"{p}output must have shape (num_tokens, hidden_size) = ({m}, {k}), got "
+                           f"{tuple(output.shape)}")
+    if output.dtype != input.dtype:
+        raise RuntimeError(f"{p}output must have the same dtype as input ({input.dtype}), got {output.dtype}")
+    if expert_map is not None and topk_ids is None:
+        raise RuntimeError(f"{p}expert_map requires topk_ids (which expert each slot holds), got topk_ids=None")
     rows, slots = _slot_rows(input)
     permutation = slots
     if topk_ids is not None:
-        _require(topk_ids.dim() == 2 and topk_ids.shape[0] == m and topk_ids.shape[1] == topk,
-                     lambda: f"{p}topk_ids must have shape (num_tokens, topk) = ({m}, {topk}), got "
-                     f"{tuple(topk_ids.shape)}")
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != m or topk_ids.shape[1] != topk:
+            raise RuntimeError(f"{p}topk_ids must have shape (num_tokens, topk) = ({m}, {topk}), got "
+                               f"{tuple(topk_ids.shape)}")
         _check_index(p, "topk_ids", topk_ids, input)
-        live = (topk_ids >= 0).reshape(-1)
+        live = topk_ids >= 0
         if expert_map is not None:
-            _require(expert_map.dim() == 1, lambda: f"{p}expert_map must be a 1-D tensor (num_experts,), got "
-                         f"{expert_map.dim()}-D with shape {tuple(expert_map.shape)}")
+            if expert_map.dim() != 1:
+                raise RuntimeError(f"{p}expert_map must be a 1-D tensor (num_experts,), got {expert_map.dim()}-D "
+                                   f"with shape {tuple(expert_map.shape)}")
             _check_index(p, "expert_map", expert_map, input)
-            live = live & (_local_ids(p, expert_map, topk_ids) >= 0)
+            live &= _local_ids(p, expert_map, topk_ids).view(m, topk) >= 0
         if slots is None:
             slots = _arange(m * topk, input.device)
-        permutation = torch.where(live, slots, -1)
+        permutation = torch.where(live.reshape(-1), slots, -1)
     torch.ops.moe.shuffle_mul_sum.out(rows, permutation, _unit_factors(m, topk, input), out=output)
 
 
 def _check_index(p: str, name: str, t: Tensor, input: Tensor) -> None:
-    _require(t.dtype in INDEX_DTYPES, lambda: f"{p}{name} must have dtype {_names(INDEX_DTYPES)}, got {t.dtype}")
-    _require(t.device == input.device, lambda: f"{p}{name} must be on the same device as input ({input.device}), "
-                 f"got {t.device}")
+    if t.dtype not in INDEX_DTYPES:
+        raise RuntimeError(f"{p}{name} must have dtype {_names(INDEX_DTYPES)}, got {t.dtype}")
+    if t.device != input.device:
+        raise RuntimeError(f"{p}{name} must be on the same device as input ({input.device}), got {t.device}")
 
 
 def _local_ids(p: str, expert_map: Tensor, topk_ids: Tensor) -> Tensor:
@@ -196,6 +199,8 @@ def _slot_rows(input: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     if torch.compiler.is_compiling() or input.numel() == 0:
         # Under compile the strides may be symbolic; Inductor plans the layout of a reshape itself.
         return input.reshape(m * topk, k), None
+    if input.is_contiguous():
+        return input.view(m * topk, k), None
     if k > 1 and input.stride(2) != 1:
         input = input.contiguous()
     # A dimension of size 1 is never stepped over: its stride does not matter.
