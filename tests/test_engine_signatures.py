@@ -9,6 +9,7 @@ spelling and to the float32-accumulation bound against the float64 reference (co
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import pytest
@@ -356,3 +357,27 @@ def test_cuda_graph_capture_and_replay(cold_cache):
     want = _both(*_both_args(5, "cuda", factors="none"))
     for got, ref in zip((args[1], args[5]), want):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The README's lines run and print what it says; the overhead tool runs
+# ------------------------------------------------------------------------------------------------
+
+def test_readme_engine_section_runs_as_printed(capsys):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Use it from an engine", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = section.split("prints `", 1)[1].split("`", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == printed
+
+
+def test_overhead_tool_runs():
+    from fused_moe_ops.bench import engines as bench
+
+    threads = torch.get_num_threads()
+    try:
+        rows = bench.run(0.002, "inference", [(2, 3, 16)])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(rows) == 5 and all(r["wrapper_us"] > 0 and r["op_us"] > 0 for r in rows)

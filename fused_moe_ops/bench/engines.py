@@ -62,7 +62,7 @@ def _cases(m: int, topk: int, k: int) -> List[Tuple[str, Callable[[], None], Cal
     ]
 
 
-def run(budget_s: float, grad_mode: str, shapes) -> Dict[str, object]:
+def run(budget_s: float, grad_mode: str, shapes) -> List[Dict[str, object]]:
     torch.set_num_threads(1)
     mode = torch.inference_mode if grad_mode == "inference" else torch.no_grad
     rows = []
@@ -77,7 +77,7 @@ def run(budget_s: float, grad_mode: str, shapes) -> Dict[str, object]:
             w, d = pair[0][0], pair[1][0]
             rows.append({"case": name, "m": m, "topk": topk, "k": k, "wrapper_us": w["time_s"] * 1e6,
                          "op_us": d["time_s"] * 1e6, "overhead_us": (w["time_s"] - d["time_s"]) * 1e6})
-    return {"machine": machine("cpu"), "grad_mode": grad_mode, "threads": 1, "rows": rows}
+    return rows
 
 
 def main(argv=None) -> int:
@@ -86,8 +86,10 @@ def main(argv=None) -> int:
     parser.add_argument("--grad-mode", choices=("inference", "no_grad"), default="inference")
     parser.add_argument("--json", help="also write the rows and the machine to this file")
     args = parser.parse_args(argv)
-    result = run(args.budget, args.grad_mode, [(1, 8, 256), (16, 8, 256)])
-    info = result["machine"]
+    torch.set_num_threads(1)
+    info = machine("cpu")
+    result = {"machine": info, "grad_mode": args.grad_mode, "threads": 1,
+              "rows": run(args.budget, args.grad_mode, [(1, 8, 256), (16, 8, 256)])}
     print(f"# {info['cpu']}, torch {info['torch']}, {info['date_utc']}, 1 thread, {args.grad_mode}, "
           f"load average at start {info['loadavg_at_start']}")
     print(f"{'case':<28} {'M':>3} {'topk':>4} {'K':>4} {'wrapper us':>11} {'op us':>8} {'overhead us':>12}")
