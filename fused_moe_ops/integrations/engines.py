@@ -148,16 +148,16 @@ def moe_sum(input: Tensor, output: Tensor, topk_ids: Optional[Tensor] = None,
             raise RuntimeError(f"{p}topk_ids must have shape (num_tokens, topk) = ({m}, {topk}), got "
                                f"{tuple(topk_ids.shape)}")
         _check_index(p, "topk_ids", topk_ids, input)
-        live = topk_ids >= 0
+        key = topk_ids.reshape(-1)  # negative: a padding slot
         if expert_map is not None:
             if expert_map.dim() != 1:
                 raise RuntimeError(f"{p}expert_map must be a 1-D tensor (num_experts,), got {expert_map.dim()}-D "
                                    f"with shape {tuple(expert_map.shape)}")
             _check_index(p, "expert_map", expert_map, input)
-            live &= _local_ids(p, expert_map, topk_ids).view(m, topk) >= 0
+            key = torch.minimum(key, _local_ids(p, expert_map, topk_ids))  # ... or an expert on another rank
         if slots is None:
             slots = _arange(m * topk, input.device)
-        permutation = torch.where(live.reshape(-1), slots, -1)
+        permutation = slots.masked_fill(key < 0, -1)
     torch.ops.moe.shuffle_mul_sum.out(rows, permutation, _unit_factors(m, topk, input), out=output)
 
 
