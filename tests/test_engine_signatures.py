@@ -336,6 +336,29 @@ def test_fullgraph_compile_matches_eager(factors):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+COMPILED_BAD = ("sglang-output-1d", "sglang-factors-flat-wrong-length", "sglang-factors-float64",
+                "vllm-expert-map-without-topk-ids", "vllm-output-dtype-mismatch", "vllm-topk-ids-wrong-shape")
+
+
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph_breaks_allowed", "fullgraph"])
+@pytest.mark.parametrize("bad", [pytest.param(b, id=b.id) for b in BAD_CALLS if b.id in COMPILED_BAD])
+def test_bad_arguments_compiled_name_the_same_thing(bad, fullgraph):
+    # Compiled, a bad call names what eager names: the same exception type where Dynamo may fall back
+    # to eager (the op's own checks come as Dynamo's TorchRuntimeError, a RuntimeError); under
+    # fullgraph=True Dynamo reports the raise as unsupported, with our message inside.
+    spec = bad.call()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda kw: spec["fn"](**kw), fullgraph=fullgraph, backend="aot_eager")
+    before = snapshot(*spec["args"].values())
+    with pytest.raises(Exception) as info:
+        compiled(spec["args"])
+    if not fullgraph:
+        assert issubclass(info.type, bad.exc)
+    for needle in bad.needles:
+        assert needle in str(info.value), f"{needle!r} not in {str(info.value)!r}"
+    assert_unmodified(before, *spec["args"].values())
+
+
 @MARK_CUDA
 @pytest.mark.parametrize("cold_cache", [False, True], ids=["warm", "cold_cache"])
 def test_cuda_graph_capture_and_replay(cold_cache):
