@@ -98,6 +98,18 @@ def test_apply_shuffle_mul_sum_no_factors_reads_one_cached_element():
     assert engines._unit_factors(2, 2, x.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_cached_slot_indices_outlive_their_growth():
+    # A CUDA graph captured while a cached index buffer was current reads that memory at every
+    # replay without holding it: growing the cache must not free the buffer it replaces.
+    small = engines._arange(8, torch.device("cpu"))
+    first = small.untyped_storage().data_ptr()
+    grown = engines._arange(engines._ARANGE[torch.device("cpu")].numel() + 1, torch.device("cpu"))
+    assert grown.untyped_storage().data_ptr() != first
+    del small
+    assert any(b.untyped_storage().data_ptr() == first for b in engines._ARANGE_RETIRED)
+    assert torch.equal(grown, torch.arange(grown.numel()))
+
+
 # ------------------------------------------------------------------------------------------------
 # vLLM: moe_sum(input, output, topk_ids=None, expert_map=None)
 # ------------------------------------------------------------------------------------------------
@@ -360,26 +372,37 @@ def test_bad_arguments_compiled_name_the_same_thing(bad, fullgraph):
 
 
 @MARK_CUDA
-@pytest.mark.parametrize("cold_cache", [False, True], ids=["warm", "cold_cache"])
+@pytest.mark.parametrize("cold_cache", [False, True], ids=["warm_cache", "cold_cache"])
 def test_cuda_graph_capture_and_replay(cold_cache):
-    # No host synchronisation inside either function; a helper tensor first made during a capture
-    # (cold cache) is not cached, so the eager call after it still reads a real 1.
+    # Neither function synchronises with the host, so both capture. With a cold cache the helper
+    # tensors (the ones, the slot index) are first made inside the capture, where a kernel is
+    # recorded and not run: they must not be cached, or the eager call after it reads garbage.
+    from fused_moe_ops import _registry
+
+    if _registry.ACTIVE.get("cuda") == "reference":
+        pytest.skip(f"CUDA op runs on the reference fallback ({_registry.FALLBACK_REASONS.get('cuda')})")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture (lazy module loading)
+        _both(*_both_args(4, "cuda", factors="none"))
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
     if cold_cache:
         engines._ONES.clear()
         engines._ARANGE.clear()
-    else:
-        _both(*_both_args(4, "cuda", factors="none"))
     args = _both_args(5, "cuda", factors="none")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         _both(*args)
-    args[1].fill_(float("nan"))
-    args[5].fill_(float("nan"))
+    for out in (args[1], args[5]):
+        out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    want = _both(*_both_args(5, "cuda", factors="none"))
-    for got, ref in zip((args[1], args[5]), want):
-        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    eager_after = _both(*_both_args(5, "cuda", factors="none"))
+    on_cpu = _both(*_both_args(5, "cpu", factors="none"))
+    for replayed, eager, cpu in zip((args[1], args[5]), eager_after, on_cpu):
+        torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
+        torch.testing.assert_close(replayed.cpu(), cpu)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ outside a capture) and traceable by ``torch.compile(fullgraph=True)``.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ from ..ops import FLOAT_DTYPES, INDEX_DTYPES, _names
 _ONES: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
 # 0, 1, 2, ... per device (int64), grown on demand: slot indices are views of it, not new tensors.
 _ARANGE: Dict[torch.device, Tensor] = {}
+# Every buffer _ARANGE has held stays alive: a CUDA graph captured while one was current reads its
+# memory at each replay, and holds no reference to it. Growth doubles, so this is < 2x the largest.
+_ARANGE_RETIRED: List[Tensor] = []
 
 
 def _capturing(device: torch.device) -> bool:
@@ -53,8 +56,11 @@ def _arange(n, device: torch.device) -> Tensor:
         return torch.arange(n, device=device)
     buf = _ARANGE.get(device)
     if buf is None or buf.numel() < n:
-        buf = torch.arange(max(n, 1024, 2 * (0 if buf is None else buf.numel())), device=device)
+        old = buf
+        buf = torch.arange(max(n, 1024, 2 * (0 if old is None else old.numel())), device=device)
         if not _capturing(device):
+            if old is not None:
+                _ARANGE_RETIRED.append(old)
             _ARANGE[device] = buf
     return buf[:n]
 
