@@ -54,7 +54,8 @@ def _sglang_eager(input, permutation, factors2d):
     return torch.where(live, gathered * factors2d.view(m, topk, 1).float(), 0).sum(1).to(input.dtype)
 
 
-@pytest.mark.parametrize("factors_form,index_dtype", [("flat", torch.int32), ("m_topk", torch.int64), ("none", torch.int32)],
+@pytest.mark.parametrize("factors_form,index_dtype",
+                         [("flat", torch.int32), ("m_topk", torch.int64), ("none", torch.int32)],
                          ids=["flat-i32", "m_topk-i64", "none-i32"])
 @pytest.mark.parametrize("m,topk,k", [(32, 2, 256), (64, 4, 1024), (128, 8, 512)])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -217,8 +218,10 @@ def test_moe_sum_edges(shape):
     m, topk, k = shape
     g = gen(seed_of("vllm-edge", shape))
     input = torch.randn(m, topk, k, generator=g)
-    topk_ids, expert_map, live = _routing(m, topk, "expert_map", torch.int64, g) if m * topk else (None, None,
-                                                                                                  torch.ones(m, topk, dtype=torch.bool))
+    if m * topk:
+        topk_ids, expert_map, live = _routing(m, topk, "expert_map", torch.int64, g)
+    else:
+        topk_ids, expert_map, live = None, None, torch.ones(m, topk, dtype=torch.bool)
     _check_moe_sum(input, topk_ids, expert_map, live, what=f"moe_sum {shape}")
 
 

@@ -85,7 +85,8 @@ def apply_shuffle_mul_sum(input: Tensor, output: Tensor, permutation: Tensor,
     # tensors, and a closure built per call costs time in the eager path this signature is for.
     p = "fused_moe_ops.apply_shuffle_mul_sum: "
     if output.dim() != 2:
-        raise RuntimeError(f"{p}output must be a 2-D tensor (M, K), got {output.dim()}-D with shape {tuple(output.shape)}")
+        raise RuntimeError(f"{p}output must be a 2-D tensor (M, K), got {output.dim()}-D with shape "
+                           f"{tuple(output.shape)}")
     if permutation.dim() != 1:
         raise RuntimeError(f"{p}permutation must be a 1-D tensor (M*topk,), got {permutation.dim()}-D with shape "
                            f"{tuple(permutation.shape)}")
