@@ -14,7 +14,6 @@ outside a capture) and traceable by ``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -203,8 +202,8 @@ def _slot_rows(input: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     is copied. A hidden dimension that is not dense is copied once (the kernels read dense rows).
     """
     m, topk, k = input.shape
-    if torch.compiler.is_compiling() or input.numel() == 0:
-        # Under compile the strides may be symbolic; Inductor plans the layout of a reshape itself.
+    if input.numel() == 0 or not all(type(n) is int for n in (*input.shape, *input.stride())):
+        # Symbolic sizes or strides (torch.compile with a dynamic shape): Inductor lays out a reshape.
         return input.reshape(m * topk, k), None
     if input.is_contiguous():
         return input.view(m * topk, k), None
@@ -213,7 +212,7 @@ def _slot_rows(input: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     # A dimension of size 1 is never stepped over: its stride does not matter.
     s_token = input.stride(0) if m > 1 else 0
     s_slot = input.stride(1) if topk > 1 else 0
-    g = math.gcd(s_token, s_slot)
+    g = _gcd(s_token, s_slot)
     if g == 0:  # one slot in all, or every slot the same row (an expand()ed input)
         return input.as_strided((1, k), (k, 1)), (None if m * topk == 1 else _arange(1, input.device).expand(m * topk))
     a, b = s_token // g, s_slot // g
@@ -222,3 +221,10 @@ def _slot_rows(input: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         return rows, None
     index = _arange(rows.shape[0], input.device)
     return rows, index.as_strided((m, topk), (a, b)).reshape(-1)
+
+
+def _gcd(a: int, b: int) -> int:
+    # Not math.gcd: Dynamo does not constant-fold it on static strides (it tries to put it in the graph).
+    while b:
+        a, b = b, a % b
+    return a
