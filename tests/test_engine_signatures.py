@@ -325,9 +325,9 @@ def _both(x3, out_vllm, topk_ids, expert_map, x2, out_sglang, permutation, facto
     return out_vllm, out_sglang
 
 
-def _both_args(seed, device="cpu", factors="flat"):
+def _both_args(seed, device="cpu", factors="flat", m=9):
     g = gen(seed)
-    m, topk, k = 9, 4, 24
+    topk, k = 4, 24
     x3 = torch.randn(topk, m, k, generator=g).transpose(0, 1)
     topk_ids, expert_map, live = _routing(m, topk, "expert_map", torch.int32, g)
     x2 = torch.randn(m * topk, k, generator=g).to(torch.bfloat16)
@@ -338,17 +338,20 @@ def _both_args(seed, device="cpu", factors="flat"):
     return [None if a is None else a.to(device) for a in args]
 
 
-@pytest.mark.parametrize("factors", ["flat", "none"])
-def test_fullgraph_compile_matches_eager(factors):
+@pytest.mark.parametrize("factors,dynamic", [("flat", False), ("none", False), ("flat", True)],
+                         ids=["factors_flat", "factors_none", "dynamic_token_count"])
+def test_fullgraph_compile_matches_eager(factors, dynamic):
     # aot_eager: Dynamo's capture (fullgraph: no graph break anywhere in either function) and
-    # functionalization of the op's .out form, without Inductor's codegen time.
+    # functionalization of the op's .out form, without Inductor's codegen time. Static strides take
+    # the eager path's row view of the transposed input; a dynamic token count the reshape.
     torch._dynamo.reset()
-    compiled = torch.compile(_both, fullgraph=True, backend="aot_eager")
-    got = compiled(*_both_args(3, factors=factors))
-    want = _both(*_both_args(3, factors=factors))
-    for a, b in zip(got, want):
-        assert not a.isnan().any()
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    compiled = torch.compile(_both, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for seed in (3, 4) if dynamic else (3,):
+        got = compiled(*_both_args(seed, factors=factors, m=9 + 4 * (seed - 3)))
+        want = _both(*_both_args(seed, factors=factors, m=9 + 4 * (seed - 3)))
+        for a, b in zip(got, want):
+            assert not a.isnan().any()
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 COMPILED_BAD = ("sglang-output-1d", "sglang-factors-flat-wrong-length", "sglang-factors-float64",
