@@ -202,11 +202,12 @@ def _slot_rows(input: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     is copied. A hidden dimension that is not dense is copied once (the kernels read dense rows).
     """
     m, topk, k = input.shape
-    if input.numel() == 0 or not all(type(n) is int for n in (*input.shape, *input.stride())):
-        # Symbolic sizes or strides (torch.compile with a dynamic shape): Inductor lays out a reshape.
-        return input.reshape(m * topk, k), None
     if input.is_contiguous():
         return input.view(m * topk, k), None
+    if input.numel() == 0 or (torch.compiler.is_compiling()
+                              and not all(type(n) is int for n in (*input.shape, *input.stride()))):
+        # Symbolic sizes or strides (torch.compile with a dynamic shape): Inductor lays out a reshape.
+        return input.reshape(m * topk, k), None
     if k > 1 and input.stride(2) != 1:
         input = input.contiguous()
     # A dimension of size 1 is never stepped over: its stride does not matter.
