@@ -11,7 +11,8 @@ this overhead is not hidden under the kernel's time.
 
 Method: CPU, one thread, under torch.inference_mode() by default (how a serving loop calls it;
 ``--grad-mode no_grad`` adds the op's no-backward guard, one Python frame, to both sides alike),
-each pair timed in interleaved rounds (fused_moe_ops.bench.timing), median over rounds.
+each pair timed in interleaved rounds (fused_moe_ops.bench.timing), median over rounds (``--stat min``:
+the least-disturbed round, for a shared machine).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _cases(m: int, topk: int, k: int) -> List[Tuple[str, Callable[[], None], Cal
     ]
 
 
-def run(budget_s: float, grad_mode: str, shapes) -> List[Dict[str, object]]:
+def run(budget_s: float, grad_mode: str, shapes, stat: str = "median") -> List[Dict[str, object]]:
     torch.set_num_threads(1)
     mode = torch.inference_mode if grad_mode == "inference" else torch.no_grad
     rows = []
@@ -73,7 +74,7 @@ def run(budget_s: float, grad_mode: str, shapes) -> List[Dict[str, object]]:
                 row = {"case": name, "m": m, "topk": topk, "k": k, "side": side}
                 pair.append((row, (lambda f: lambda i: f())(fn), lambda: contextlib.nullcontext()))
             with mode():
-                time_cpu_interleaved(pair, budget_s)
+                time_cpu_interleaved(pair, budget_s, stat=stat)
             w, d = pair[0][0], pair[1][0]
             rows.append({"case": name, "m": m, "topk": topk, "k": k, "wrapper_us": w["time_s"] * 1e6,
                          "op_us": d["time_s"] * 1e6, "overhead_us": (w["time_s"] - d["time_s"]) * 1e6})
@@ -84,13 +85,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fused_moe_ops.bench.engines", description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per pair (default 1.0)")
     parser.add_argument("--grad-mode", choices=("inference", "no_grad"), default="inference")
+    parser.add_argument("--stat", choices=("median", "min"), default="median",
+                        help="per-call time over rounds: median, or min (the least-disturbed round: a shared machine)")
     parser.add_argument("--json", help="also write the rows and the machine to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     info = machine("cpu")
     result = {"machine": info, "grad_mode": args.grad_mode, "threads": 1,
-              "rows": run(args.budget, args.grad_mode, [(1, 8, 256), (16, 8, 256)])}
-    print(f"# {info['cpu']}, torch {info['torch']}, {info['date_utc']}, 1 thread, {args.grad_mode}, "
+              "stat": args.stat, "rows": run(args.budget, args.grad_mode, [(1, 8, 256), (16, 8, 256)], args.stat)}
+    print(f"# {info['cpu']}, torch {info['torch']}, {info['date_utc']}, 1 thread, {args.grad_mode}, {args.stat}, "
           f"load average at start {info['loadavg_at_start']}")
     print(f"{'case':<28} {'M':>3} {'topk':>4} {'K':>4} {'wrapper us':>11} {'op us':>8} {'overhead us':>12}")
     for r in result["rows"]:
