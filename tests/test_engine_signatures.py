@@ -42,6 +42,11 @@ def _sglang_case(m, topk, k, dtype, index_dtype, factors_form, seed):
     input = torch.randn(m * topk, k, generator=g).to(dtype)
     permutation = make_permutation(m, topk, m * topk, index_dtype, g)  # duplicates, -1 and other negatives
     flat = torch.rand(m * topk, generator=g).to(dtype)
+    # What the op must not read holds NaN: rows no entry names, and the factors of skipped slots.
+    named = torch.zeros(m * topk, dtype=torch.bool)
+    named[permutation[permutation >= 0].long()] = True
+    input[~named] = float("nan")
+    flat[permutation < 0] = float("nan")
     factors = {"flat": flat, "m_topk": flat.view(m, topk), "none": None}[factors_form]
     return input, permutation, factors, (flat.view(m, topk) if factors is not None else torch.ones(m, topk))
 
