@@ -116,6 +116,25 @@ def test_cached_slot_indices_outlive_their_growth():
     assert torch.equal(grown, torch.arange(grown.numel()))
 
 
+@pytest.mark.parametrize("later", ["grad_enabled", "no_grad"])
+def test_helpers_cached_under_inference_mode_serve_other_modes(later, monkeypatch):
+    # A server warms up under torch.inference_mode(): the cached ones and slot index are then
+    # inference tensors, which later calls in other grad modes may read (never write).
+    monkeypatch.setattr(engines, "_ONES", {})
+    monkeypatch.setattr(engines, "_ARANGE", {})
+    g = gen(7)
+    x = torch.randn(5, 4, 16, generator=g)
+    topk_ids, expert_map, live = _routing(5, 4, "expert_map", torch.int64, g)
+    with torch.inference_mode():
+        fused_moe_ops.moe_sum(x, _nan_output(5, 16, torch.float32), topk_ids, expert_map)
+    assert all(t.is_inference() for t in (*engines._ONES.values(), *engines._ARANGE.values()))
+    with (torch.enable_grad() if later == "grad_enabled" else torch.no_grad()):
+        _check_moe_sum(x, topk_ids, expert_map, live, what=f"moe_sum {later}")
+        output = _nan_output(5, 16, torch.float32)
+        fused_moe_ops.apply_shuffle_mul_sum(x.view(20, 16), output, torch.arange(20))
+        torch.testing.assert_close(output, x.sum(1))
+
+
 # ------------------------------------------------------------------------------------------------
 # vLLM: moe_sum(input, output, topk_ids=None, expert_map=None)
 # ------------------------------------------------------------------------------------------------
