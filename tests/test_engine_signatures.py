@@ -224,6 +224,15 @@ def test_moe_sum_layouts(dtype, layout, skip, index_dtype):
     _check_moe_sum(input, topk_ids, expert_map, live, what=f"moe_sum {layout} {skip}")
 
 
+@pytest.mark.parametrize("ids_dtype,map_dtype", [(torch.int32, torch.int64), (torch.int64, torch.int32)],
+                         ids=["ids_i32-map_i64", "ids_i64-map_i32"])
+def test_moe_sum_mixed_index_dtypes(ids_dtype, map_dtype):
+    g = gen(seed_of("vllm-mixed", ids_dtype, map_dtype))
+    input = torch.randn(17, 4, 64, generator=g)
+    topk_ids, expert_map, live = _routing(17, 4, "expert_map", torch.int64, g)
+    _check_moe_sum(input, topk_ids.to(ids_dtype), expert_map.to(map_dtype), live, what="moe_sum mixed index dtypes")
+
+
 @pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay != "hidden_strided"])
 def test_moe_sum_reads_the_input_in_place(layout):
     # Only a hidden dimension that is not dense is copied: every other layout is a view of the
