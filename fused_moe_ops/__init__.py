@@ -20,3 +20,8 @@ _registry.setup()
 from .fusion import disable_fusion, enable_fusion, fusion_enabled, fusion_stats, reset_fusion_stats  # noqa: F401,E402
 
 __version__ = "0.1.0"
+
+# The engines' call signatures (integrations/engines.py: plain Python over the op, nothing heavy
+# imported). Imported here rather than through a module __getattr__: Dynamo does not call one, so a
+# first use inside torch.compile(fullgraph=True) would fail.
+from .integrations.engines import apply_shuffle_mul_sum, moe_sum  # noqa: F401,E402
