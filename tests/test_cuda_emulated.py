@@ -211,7 +211,7 @@ def _planted_battery():
     """Small cases that between them reach every staged path: topk 1 (the tail loop alone), 8, a
     masked row with a NaN factor (s_nan), 300 (two chunks); 32- and 128-thread blocks."""
     cases = []
-    for m, topk, k, seed in ((3, 1, 64, 1), (4, 8, 72, 2), (2, 300, 16, 3)):
+    for m, topk, k, seed in ((3, 1, 64, 1), (4, 8, 72, 2), (2, 300, 16, 3), (2, 4, 1024, 5)):
         c = make_case(m, topk, k, seed=seed)
         cases.append(Call(*c))
     spec = fused_tests.CASES["nonfinite-factors-masked-rows"]
@@ -230,7 +230,8 @@ def _battery_failures(plants, variant):
     try:
         results = emulated.run(calls, variant=variant, plants=plants)
     except emulated.EmulatorCrash as e:
-        return f"crash: {str(e)[:300]}"
+        reports = [ln for ln in str(e).splitlines() if "ERROR: AddressSanitizer" in ln or "runtime error" in ln]
+        return f"crash: {(reports or [str(e)[:300]])[0]}"
     for call, result in zip(calls, results):
         if result.error is not None:
             return f"launch error: {result.error[:300]}"
@@ -251,20 +252,28 @@ def test_planted_battery_passes_without_plants():
     assert _battery_failures((), "sanitized") == ""
 
 
-# The sanitized build where only ASan sees the bug; the quick build where the answer or the emulator does.
+# (build, how it must fail): the sanitized build where only ASan sees the bug, the quick one where the
+# answer or the emulator's own checks do.
 PLANTS = {
-    "STAGING_UNPADDED": "sanitized",           # topk = 1: a 16-byte read from a 12-byte staging allocation
-    "NO_SYNCTHREADS_AFTER_STAGING": "plain",   # other warps read s_live / s_nan before warp 0 wrote them
-    "BALLOT_MASK_DROPS_LANES": "plain",        # lanes 16..31 vote with a mask that omits them
-    "S_NAN_BEFORE_BARRIER": "plain",           # the NaN flag read before the barrier that publishes it
-    "SLOT_COUNT_OFF_BY_ONE": "plain",          # one staged slot too many: a poison row and weight
+    # topk = 1: a 16-byte read from a 12-byte staging allocation (what compute-sanitizer found on an H200)
+    "STAGING_UNPADDED": ("sanitized", "heap-buffer-overflow"),
+    # the other warps read s_live / s_nan before warp 0 wrote them: poison (one-warp blocks pass in forward order)
+    "NO_SYNCTHREADS_AFTER_STAGING": ("plain", "wrong answer"),
+    # lanes 16..31 vote with a mask that omits them
+    "BALLOT_MASK_DROPS_LANES": ("plain", "the mask omits the calling lane 16"),
+    # the NaN flag read before the barrier that publishes it: poison
+    "S_NAN_BEFORE_BARRIER": ("plain", "wrong answer"),
+    # one staged slot too many: a poison row (-1) and weight (NaN)
+    "SLOT_COUNT_OFF_BY_ONE": ("plain", "wrong answer"),
 }
 
 
 @pytest.mark.parametrize("plant", list(PLANTS))
 def test_planted_bug_fails(plant):
-    failure = _battery_failures((plant,), PLANTS[plant])
+    variant, how = PLANTS[plant]
+    failure = _battery_failures((plant,), variant)
     assert failure, f"PLANT_{plant} passed the emulated battery"
+    assert how in failure, f"PLANT_{plant} failed, but not as expected ({how!r}): {failure}"
 
 
 def test_planted_32_bit_row_offset_fails():
