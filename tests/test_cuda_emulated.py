@@ -205,6 +205,59 @@ def test_launch_shapes_follow_the_sm_count():
     assert r.shape[1] == 1, r.shape
 
 
+# ---- the emulator's own checks (tests/cuda_emulator/selftest.cpp) --------------------------------
+
+SELFTESTS = {  # kernel: what the emulator must say (file:line, block and thread included)
+    "barrier-at-two-sites": "selftest.cpp:18: block (0,0,0) thread (16,0,0): __syncthreads reached at different "
+                            "call sites: this one and ",
+    "barrier-after-an-exit": "__syncthreads not reached by every thread of the block: thread 5 has exited",
+    "ballot-names-an-exited-lane": "__ballot_sync(mask 0xffffffff): the mask names lane 3, but thread 3 has exited",
+    "ballot-names-a-lane-at-a-barrier": "the mask names lane 7, but thread 7 waits at __syncthreads",
+    "ballot-omits-the-caller": "thread (1,0,0): __ballot_sync(mask 0x00000001): the mask omits the calling lane 1",
+    "ballot-names-a-missing-lane": "the mask names lane 16, which does not exist (blockDim.x = 16)",
+    "any-at-two-sites": "the mask names lane 1, but thread 1 waits at __any_sync",
+    "device-assert": "device-side assert triggered: ",
+    "votes": "LAUNCH OK warp0 ballot=49249249 any=0 half=ffff popc=11;warp1 ballot=49249349 any=1 half=ffff popc=12;",
+    "shared-poison": "LAUNCH OK int=-1 nan=1;",
+    "shared-is-per-block": "LAUNCH OK block0 found -1;block1 found -1;",
+}
+
+
+def _selftest(name, order="forward", timeout=60):
+    import subprocess
+
+    from cuda_emulator import build
+
+    exe = build.runner(build.default_variant(), program="selftest")
+    return subprocess.run([str(exe), name, order], capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, **build.SANITIZER_ENV})
+
+
+@pytest.mark.parametrize("name", list(SELFTESTS))
+def test_emulator_reports(name):
+    proc = _selftest(name)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert SELFTESTS[name] in proc.stdout, proc.stdout
+    if name == "device-assert":  # CUDA's wording: where, which block, which thread
+        assert "selftest.cpp:" in proc.stdout and "block: [1,0,0], thread: [9,0,0] Assertion" in proc.stdout
+
+
+def test_emulator_thread_orders():
+    firsts = {order: _selftest("order", order).stdout.strip() for order in ("forward", "reverse", "random")}
+    assert firsts["forward"] == "LAUNCH OK 0123" and firsts["reverse"] == "LAUNCH OK 3210", firsts
+    assert firsts["random"] not in (firsts["forward"], firsts["reverse"]), firsts
+
+
+def test_emulator_never_hangs_on_a_spinning_thread():
+    proc = _selftest("spins")
+    assert proc.returncode == 3 and "ran past the watchdog" in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_emulator_stack_overflow_hits_the_guard_page():
+    proc = _selftest("stack-overflow")
+    assert proc.returncode != 0 and "LAUNCH OK" not in proc.stdout, (proc.returncode, proc.stdout)
+
+
 # ---- planted bugs: each must fail the emulated suite ----------------------------------------------
 
 def _planted_battery():

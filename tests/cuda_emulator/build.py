@@ -22,8 +22,10 @@ from typing import Sequence
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
-SOURCES = [HERE / "runner.cpp", HERE / "cuda_emulator.h", CSRC / "shuffle_mul_sum_cuda_device.cuh",
+SOURCES = [HERE / "runner.cpp", HERE / "selftest.cpp", HERE / "cuda_emulator.h", CSRC / "shuffle_mul_sum_cuda_device.cuh",
            CSRC / "shuffle_mul_sum.h"]
+# runner: the kernel fed cases by emulated.py; selftest: the emulator's own checks on small kernels.
+PROGRAMS = ("runner", "selftest")
 
 sys.path.insert(0, str(ROOT / "fused_moe_ops"))
 from _kernel_spec import STABLE_ABI_FLAGS  # noqa: E402  (plain Python: the kernels' own ABI flags)
@@ -56,29 +58,30 @@ def cache_dir() -> Path:
     return Path(base) / "emulator"
 
 
-def command(variant: str, plants: Sequence[str], out: Path) -> list:
+def command(variant: str, plants: Sequence[str], out: Path, program: str = "runner") -> list:
     flags = COMMON_FLAGS + VARIANTS[variant] + STABLE_ABI_FLAGS + [f"-DPLANT_{p}" for p in sorted(plants)]
     return (["g++"] + flags + ["-I", str(CSRC), "-I", str(HERE), "-isystem", torch_include(),
-                               str(HERE / "runner.cpp"), "-o", str(out)])
+                               str(HERE / f"{program}.cpp"), "-o", str(out)])
 
 
-def runner(variant: str = "plain", plants: Sequence[str] = ()) -> Path:
-    """The runner executable for `variant` with `plants`, built once per content."""
-    probe = command(variant, plants, Path("OUT"))
+def runner(variant: str = "plain", plants: Sequence[str] = (), program: str = "runner") -> Path:
+    """The `program` executable for `variant` with `plants`, built once per content."""
+    assert program in PROGRAMS, program
+    probe = command(variant, plants, Path("OUT"), program)
     h = hashlib.sha256(" ".join(probe).encode())
     for src in SOURCES:
         h.update(src.read_bytes())
-    name = f"runner-{variant}-{'-'.join(sorted(plants)) or 'clean'}-{h.hexdigest()[:16]}"
+    name = f"{program}-{variant}-{'-'.join(sorted(plants)) or 'clean'}-{h.hexdigest()[:16]}"
     path = cache_dir() / name
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # concurrent builders: the last rename wins
-        tmp_out = Path(tmp) / "runner"
-        proc = subprocess.run(command(variant, plants, tmp_out), capture_output=True, text=True)
+        tmp_out = Path(tmp) / program
+        proc = subprocess.run(command(variant, plants, tmp_out, program), capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"building the emulated CUDA kernel ({variant}, plants {list(plants)}) failed:\n"
-                               f"{' '.join(command(variant, plants, tmp_out))}\n{proc.stderr[-6000:]}")
+                               f"{' '.join(command(variant, plants, tmp_out, program))}\n{proc.stderr[-6000:]}")
         os.replace(tmp_out, path)
     return path
 
