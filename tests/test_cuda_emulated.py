@@ -144,9 +144,20 @@ def test_topk(m, topk, k):
 
 # ---- the internal op: every case of test_fused_op.py --------------------------------------------
 
-@pytest.mark.parametrize("name", list(fused_tests.CASES))
+# Beyond test_fused_op.py's cases: the paths only the CUDA kernel has (the NaN flag sticky over staging
+# chunks, per-row factors over several chunks, one slot per row).
+EXTRA_FUSED_CASES = {
+    "row-mask-nan-flag-over-chunks-topk300": fused_tests.Spec(m=2, topk=300, k=40, row_mask=True, nonfinite=True),
+    "per-row-factors-topk513-int32": fused_tests.Spec(m=2, topk=513, k=24, per_row=True, index_dtype=torch.int32,
+                                                      rounding=torch.float16, dtype=torch.float32),
+    "topk1-addend-scale-f16": fused_tests.Spec(m=9, topk=1, k=64, dtype=torch.float16, scale=-2.0, addend="same",
+                                               negative_index=SKIP_NEGATIVE),
+}
+
+
+@pytest.mark.parametrize("name", list(fused_tests.CASES) + list(EXTRA_FUSED_CASES))
 def test_fused(name):
-    spec = fused_tests.CASES[name]
+    spec = fused_tests.CASES.get(name) or EXTRA_FUSED_CASES[name]
     x, p, f, a, mask = fused_tests.make_fused_case(spec, seed_of("fused", name), "cpu")
     before = snapshot(x, p, f, a, mask)
     calls = [Call(x, p, f, out_dtype, spec.negative_index, FACTOR_ROUND[spec.rounding], spec.scale, a, mask,

@@ -7,17 +7,18 @@
 // CASES: one case per line, `key=value` tokens (emulated.py writes them; the Params field names).
 // BLOB: the tensors' bytes. RESULTS: one line per case, "ok threads slices vec" or "error <message>".
 // OUT_BLOB: each ok case's `out` bytes at its out_result offset.
-#include "shuffle_mul_sum.h"  // Half, BFloat16, the option enums, round_factor
-
-#include "cuda_emulator.h"
-
-#include "shuffle_mul_sum_cuda_device.cuh"
-
+// The standard headers first: cuda_emulator.h redefines assert, which a later <cassert> would undo.
 #include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
 #include <sstream>
+
+#include "shuffle_mul_sum.h"  // Half, BFloat16, the option enums, round_factor
+
+#include "cuda_emulator.h"
+
+#include "shuffle_mul_sum_cuda_device.cuh"
 
 namespace {
 

@@ -1,11 +1,11 @@
 // The grid emulator's own checks, one small kernel each: `selftest NAME [order]` runs kernel NAME and
 // prints "LAUNCH ERROR <message>" or "LAUNCH OK <what the kernel observed>". tests/test_cuda_emulated.py
 // runs every one and checks the message (a mistake the emulator must report) or the observation.
-#include "cuda_emulator.h"
-
 #include <iostream>
 #include <map>
 #include <sstream>
+
+#include "cuda_emulator.h"  // last: it redefines assert
 
 namespace {
 
