@@ -356,6 +356,22 @@ def test_planted_bug_fails(plant):
     assert how in failure, f"PLANT_{plant} failed, but not as expected ({how!r}): {failure}"
 
 
+def test_a_missing_barrier_needs_an_order_other_than_forward():
+    """Why CI runs three orders: with one-warp blocks, forward order runs lane 0 (which publishes the
+    staged count) before the lanes that read it, so a missing __syncthreads passes; reverse does not."""
+    case = make_case(4, 8, 72, seed=2)
+    verdicts = {}
+    for order in ("forward", "reverse"):
+        (r,) = emulated.run([Call(*case, launch=Launch(threads=32, order=order))], variant="plain",
+                            plants=("NO_SYNCTHREADS_AFTER_STAGING",))
+        try:
+            assert_matches_reference(r.out, *case, what=order)
+            verdicts[order] = "passes"
+        except AssertionError:
+            verdicts[order] = "fails"
+    assert verdicts == {"forward": "passes", "reverse": "fails"}, verdicts
+
+
 def test_planted_32_bit_row_offset_fails():
     spread = 2 ** 28
     x = make_input(9, 8, torch.bfloat16, torch.Generator().manual_seed(5))
