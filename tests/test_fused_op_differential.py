@@ -1,5 +1,6 @@
 """A random differential test of the internal op ``moe::_shuffle_mul_sum_fused``, called directly on
-every kernel reachable without a GPU, against the float64 reference.
+every kernel reachable without a GPU (the C++ CPU kernel, the Triton kernel under its interpreter, the
+CUDA kernel's device code under our grid emulator), against the float64 reference.
 
 Each case draws its options at random: negative-index mode, factor rounding, per-row factors, scale,
 addend shapes (M, K), (K,), (1, K), (M, 1), (1, M, K) in any float dtype, row mask, strided rows and
@@ -16,6 +17,8 @@ abort) is reported with its case, and the run goes on from the next one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import random
@@ -68,26 +71,37 @@ def run_case(kernel: str, seed: int, i: int) -> None:
     x, p, f, a, mask = make_fused_case(spec, seed_of("differential", seed, i), "cpu")
     before = snapshot(x, p, f, a, mask)
     poison_allocator(max(spec.m * spec.k * 4, 64), x.device)
-    out = KERNELS[kernel]()(x, p, f, out_dtype, spec.negative_index, FACTOR_ROUND[spec.rounding], spec.scale, a, mask)
+    call = KERNELS[kernel](random.Random(f"{seed}/{i}/launch"))
+    out = call(x, p, f, out_dtype, spec.negative_index, FACTOR_ROUND[spec.rounding], spec.scale, a, mask)
     assert_fused_matches_reference(out, spec, x, p, f, a, mask, out_dtype or spec.dtype, f"case {seed}/{i}")
     assert_unmodified(before, x, p, f, a, mask)
 
 
-def _cpp():
+def _cpp(rng: random.Random):
     from fused_moe_ops import _registry
 
     assert _registry.ACTIVE.get("cpu") == "cpp", f"the C++ CPU kernel is not loaded: {_registry.ACTIVE}"
     return torch.ops.moe._shuffle_mul_sum_fused
 
 
-def _triton():
+def _triton(rng: random.Random):
     from fused_moe_ops.triton_kernel import shuffle_mul_sum_fused_triton
 
     return shuffle_mul_sum_fused_triton
 
 
-# Each kernel as the worker calls it (the internal op's signature).
-KERNELS = {"cpp": _cpp, "triton": _triton}
+def _cuda_emulated(rng: random.Random):
+    """The CUDA kernel's device code under the grid emulator (tests/cuda_emulator), in a launch shape
+    the real launch picks for 1, 108 or 132 SMs or a forced one, in a random thread order."""
+    from cuda_emulator import emulated
+
+    launch = rng.choice((emulated.Launch(sms=1), emulated.Launch(sms=108), emulated.Launch(sms=132),
+                         emulated.Launch(threads=32, slices=1), emulated.Launch(threads=64, slices=3)))
+    return functools.partial(emulated.fused, launch=dataclasses.replace(launch, order="random", seed=rng.randrange(2**31)))
+
+
+# Each kernel as the worker calls it (the internal op's signature), given the case's own random source.
+KERNELS = {"cpp": _cpp, "triton": _triton, "cuda_emulated": _cuda_emulated}
 WORKER_ENV = {"triton": {"TRITON_INTERPRET": "1"}}
 
 
@@ -140,7 +154,8 @@ def _report(seed: int, problems) -> str:
 
 
 # CI's slice: a fixed seed; longer runs from the command line.
-@pytest.mark.parametrize("kernel, count", [("cpp", 300), ("triton", 60)])
+@pytest.mark.parametrize("kernel, count", [("cpp", 300), ("triton", 60),
+                                           pytest.param("cuda_emulated", 150, marks=pytest.mark.cuda_emulated)])
 def test_internal_op_random_differential(kernel, count):
     if kernel == "triton":
         pytest.importorskip("triton")
