@@ -1,7 +1,8 @@
 """A cheap import: `import fused_moe_ops` loads the kernels and nothing heavy.
 
-Inductor and Dynamo (about a second), Triton and setuptools (via torch.utils.cpp_extension) stay
-out of an eager user's process; the fusion pass is still in place before the first torch.compile,
+Inductor and Dynamo (about a second), Triton, setuptools (via torch.utils.cpp_extension) and HF
+transformers (its experts backend registers when transformers is imported) stay out of an eager
+user's process; the fusion pass is still in place before the first torch.compile,
 because it is installed when torch._inductor is imported. Checked on sys.modules in fresh
 interpreters (robust), not on timings (docs/BUILDING.md has those numbers).
 """
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY_MODULES = ("torch._inductor", "torch._dynamo", "triton", "setuptools", "torch.utils.cpp_extension")
+HEAVY_MODULES = ("torch._inductor", "torch._dynamo", "triton", "setuptools", "torch.utils.cpp_extension",
+                 "transformers")
 
 
 def _run(code: str, **env) -> dict:
