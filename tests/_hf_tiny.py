@@ -27,6 +27,7 @@ EXTRA: Dict[str, dict] = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0),
     "zaya": dict(num_experts_per_tok=1),
     "gemma4": dict(enable_moe_block=True, top_k_experts=2),
+    "longcat_flash": dict(num_layers=1),  # two sub-layers per layer
     "bailing_hybrid": dict(num_expert_group=1),
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=8,
                              layer_types=["linear_attention", "attention"]),
