@@ -1,10 +1,11 @@
 """Run a callback right after a module is imported, without importing it.
 
-An integration (the HF transformers experts backend) must be in place before its library is used,
-yet ``import fused_moe_ops`` must not import that library. If the module is imported already the
+What fused_moe_ops plugs into another library (the fusion pass into Inductor, the HF experts backend
+into transformers) must be in place before that library is used, yet ``import fused_moe_ops`` must
+not import it. If the module is imported already the
 callback runs at once; otherwise a one-shot ``sys.meta_path`` finder wraps the module's loader and
-runs the callback right after the module's own code ran (the way fusion/__init__.py installs the
-Inductor pass when ``torch._inductor`` is imported). A callback that raises is reported as a
+runs the callback right after the module's own code ran. The fusion pass is installed this way when
+``torch._inductor`` is imported (fusion/__init__.py). A callback that raises is reported as a
 warning: it never breaks the user's import.
 """
 from __future__ import annotations

@@ -250,20 +250,34 @@ REPORT = """
     {before}
     import fused_moe_ops
     from fused_moe_ops.integrations import transformers as hf
-    loaded = "transformers" in sys.modules
+    loaded = sys.modules.get("transformers") is not None
     {after}
     from fused_moe_ops.__main__ import collect, render
-    print(json.dumps({{"loaded_by_import": loaded, "state": hf.state(), "report": render(collect())}}))
+    print(json.dumps({{"loaded_by_import": loaded, "state": hf.state(), "report": render(collect()),
+                      "absent": globals().get("absent")}}))
 """
 
 
-def test_registers_when_transformers_is_imported_later():
-    info = _run(REPORT.format(before="", after="""
+def test_absent_then_imported_later_registers_on_the_import():
+    # One interpreter, two facts: with transformers unimportable the import registers nothing and
+    # fails nothing (the report says so); once transformers' experts interface is imported, the
+    # backend is registered in it.
+    info = _run(REPORT.format(before="sys.modules['transformers'] = None  # as if not installed", after="""
+    try:
+        import transformers
+    except ImportError:
+        pass
+    from fused_moe_ops.__main__ import collect, render
+    absent = {"state": hf.state(), "report": render(collect())}
+    del sys.modules["transformers"]
     from transformers.integrations.moe import ExpertsInterface
     assert ExpertsInterface._global_mapping["fused_moe_ops"] is hf.experts_forward"""))
     assert not info["loaded_by_import"]
+    absent = info["absent"]
+    assert not absent["state"]["registered"] and absent["state"]["reason"] == "transformers is not installed", absent
+    assert "not registered: transformers is not installed" in absent["report"]
     assert info["state"]["registered"] and not info["state"]["pending"], info["state"]
-    assert "experts_implementation=\"fused_moe_ops\" registered" in info["report"]
+    assert 'experts_implementation="fused_moe_ops" registered' in info["report"]
 
 
 def test_registers_at_once_when_transformers_was_imported_first():
@@ -284,13 +298,3 @@ def test_old_transformers_registers_nothing_and_fails_nothing(tmp_path):
     assert ExpertsInterface._global_mapping == {}"""), pythonpath=[tmp_path])
     assert not info["state"]["registered"] and "5.6.0 < 5.7" in info["state"]["reason"], info["state"]
     assert "5.6.0 < 5.7" in info["report"]
-
-
-def test_absent_transformers_registers_nothing_and_fails_nothing():
-    info = _run(REPORT.format(before="sys.modules['transformers'] = None  # as if not installed", after="""
-    try:
-        import transformers
-    except ImportError:
-        pass"""))
-    assert not info["state"]["registered"], info["state"]
-    assert "HF experts backend" in info["report"]
