@@ -29,6 +29,7 @@ says which (``python -m fused_moe_ops`` prints it).
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Optional
 
@@ -48,11 +49,8 @@ _warned_grad = False
 
 
 def _parse_version(version: str) -> tuple:
-    parts = []
-    for piece in version.split(".")[:2]:
-        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+    """(major, minor) of "5.7.0", "5.8.0.dev0", "2.14.1+cu130"."""
+    return tuple(int(n) for n in re.findall(r"\d+", version)[:2])
 
 
 def _needs_autograd(self, hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> bool:
@@ -95,7 +93,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
 # the CPU, but leaves a registered name alone, so the backend decides by itself, by slot count
 # (the weights gathered grow with it). Measured on a 2-core CPU (Qwen3-MoE experts, hidden 1024,
 # 64 experts, top-8, bf16, loaded machine): 3.4x faster than the grouped path at 8 slots, 2x at 16,
-# even at 32, slower at 128.
+# about even at 32, slower at 128.
 DECODE_MAX_SLOTS = 16
 
 
