@@ -21,7 +21,8 @@ SHRINK = dict(
     first_k_dense_replace=0, n_group=1, topk_group=1, max_position_embeddings=64, sliding_window=8,
     ffn_hidden_size=48, expert_ffn_hidden_size=24, zero_expert_num=2, linear_key_head_dim=16,
     linear_value_head_dim=16, linear_head_dim=16, vocab_size_per_layer_input=96, hidden_size_per_layer_input=16,
-    index_n_heads=2, index_num_heads=2, index_head_dim=16, index_topk=4, decoder_sparse_step=1, moe_layer_freq=1, mlp_only_layers=[], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    index_n_heads=2, index_num_heads=2, index_head_dim=16, index_topk=4, decoder_sparse_step=1, moe_layer_freq=1,
+    mlp_only_layers=[], pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 EXTRA: Dict[str, dict] = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0),
