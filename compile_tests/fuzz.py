@@ -4,7 +4,7 @@ pass and without it; every result must be eager's.
 A program is Python source (printed when it fails, so a finding is a test case as it stands): one of
 the spellings the pass claims or a near miss, with a random row source (plain, masked_fill, where,
 upcast, pointwise), input layout (dense, row-strided, transposed weights), index source (an input with negatives and duplicates, argsort, sort, topk,
-arange, a shifted copy that wraps), weight source and cast, epilogue (scale, residual, broadcasting
+arange, a shifted copy that wraps, entries across [-2R, 2R) and the index dtype's extremes), weight source and cast, epilogue (scale, residual, broadcasting
 or promoting addend, 3-D view, subtraction), second consumer and input mutation before or after,
 in float32 / float16 / bfloat16, with NaN / inf in rows and weights and M = 0 and 1 among the sizes.
 
@@ -14,8 +14,8 @@ Two levels:
   decompositions and functionalization, Inductor's joint-graph and post-grad passes, the pass
   among them), then run as Python with and without the pass: cheap, the bulk of the programs.
   Dynamic programs are traced symbolically and run at a second token count too.
-* end-to-end: torch.compile with and without the pass (a share of the programs: seconds each),
-  every other one with Inductor's choice forced to the pass's decomposition of the op.
+* end-to-end: torch.compile with and without the pass (a share of the programs: seconds each), with
+  the pass once per lowering: the op's kernel and each decomposition forced, and Inductor choosing.
 
 Checks: dtype, shape, NaN / inf positions, values within the dtype's tolerance, whether and what
 type of error is raised, and the inputs afterwards (mutated as eager mutates them, or unchanged).
@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import fused_moe_ops
-from fused_moe_ops.fusion import _state
+from fused_moe_ops.fusion import _state, autotune
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Per-element tolerance relative to the size of the terms: a few roundings of the dtype per slot.
@@ -80,7 +80,8 @@ def generate(rng: random.Random) -> Program:
     extra_rows = 0 if spelling == "identity" else rng.choice((0, 3))
     w_dtype = rng.choice((dtype, torch.float32))
     index_source = "none" if spelling == "identity" else rng.choice(
-        ("input", "input", "input-nonneg", "argsort", "sort", "topk", "arange", "wrapped", "out-of-range"))
+        ("input", "input", "input-nonneg", "argsort", "sort", "topk", "arange", "wrapped", "out-of-range",
+         "wide", "wide"))
     index_dtype = rng.choice((torch.int64, torch.int32))
     row_source = rng.choice(("plain", "plain", "masked_fill", "where", "where-broadcast", "upcast", "pointwise"))
     cast_weights = rng.random() < 0.6
@@ -92,7 +93,7 @@ def generate(rng: random.Random) -> Program:
 
     lines: List[str] = []
     args = ["x", "w"]
-    if index_source in ("input", "input-nonneg", "wrapped", "out-of-range", "argsort", "sort"):
+    if index_source in ("input", "input-nonneg", "wrapped", "out-of-range", "wide", "argsort", "sort"):
         args.append("ids")
     if index_source == "topk":
         args.append("scores")
@@ -109,7 +110,7 @@ def generate(rng: random.Random) -> Program:
         lines.append("    x.mul_(2.0)")
     # index
     index_expr = {
-        "input": "ids", "input-nonneg": "ids", "out-of-range": "ids",
+        "input": "ids", "input-nonneg": "ids", "out-of-range": "ids", "wide": "ids",
         "wrapped": "ids - x.shape[0]",
         "argsort": "torch.argsort(torch.argsort(ids, stable=True), stable=True)",
         "sort": "torch.sort(ids, stable=True).indices",
@@ -198,6 +199,16 @@ def generate(rng: random.Random) -> Program:
                 ids = torch.randint(0, max(rows, 1), (n,), generator=gen) if rows else torch.zeros(n, dtype=torch.long)
             elif index_source == "wrapped":
                 ids = torch.randint(0, max(rows, 1), (n,), generator=gen)
+            elif index_source == "wide":
+                # Both sides of [-R, R): what eager rejects must be rejected, whichever lowering runs
+                # (an entry below -R wrapped twice reads row p + 2R). Mostly in range, so that a
+                # program that returns is common too; one entry of the index dtype's extremes at times.
+                ids = torch.randint(-2 * max(rows, 1), 2 * max(rows, 1), (n,), generator=gen)
+                ids = torch.where(torch.rand(n, generator=gen) < 0.8, ids.remainder(max(rows, 1)), ids)
+                if n and float(torch.rand((), generator=gen)) < 0.3:
+                    info = torch.iinfo(index_dtype)
+                    extreme = (info.min, info.max, info.min + 1, -rows - 1, rows)
+                    ids[int(torch.randint(0, n, (), generator=gen))] = extreme[int(torch.randint(0, 5, (), generator=gen))]
             else:
                 ids = torch.randint(-rows, rows, (n,), generator=gen)
                 if n >= 3:
@@ -395,40 +406,52 @@ def check_graph_level(p: Program, data_seed: int) -> Tuple[List[Finding], bool]:
     return findings, fired
 
 
-def check_end_to_end(p: Program, data_seed: int, force_decomposition: bool = False) -> Tuple[List[Finding], bool]:
-    """torch.compile with and without the pass. With it, Inductor chooses between the op and its own
-    decomposition of it (fusion/autotune.py); ``force_decomposition`` makes it take the decomposition
-    wherever it benchmarks, so that both choices are held to eager."""
-    import torch._inductor.config as inductor_config
+# The ways Inductor can lower a rewritten combine, each held to eager in turn: the op's kernel and each
+# decomposition forced (autotune.forced_lowering), and Inductor choosing (None).
+LOWERINGS: Tuple[Optional[str], ...] = autotune.LOWERINGS + (None,)
 
+
+def check_end_to_end(p: Program, data_seed: int,
+                     lowerings: Sequence[Optional[str]] = LOWERINGS) -> Tuple[List[Finding], bool]:
+    """torch.compile with and without the pass. With it, once per lowering in ``lowerings``: each
+    forced (the op; a decomposition of it inlined by Inductor) and None, Inductor choosing
+    (fusion/autotune.py), so that every way the rewritten combine can run is held to eager."""
     fn = p.fn()
     args = p.make_args(p.m, data_seed)
     eager = run(fn, args)
     fired = False
+    plain: List[Outcome] = []
 
-    def compiled(on: bool) -> Outcome:
+    def compiled(on: bool, lowering: Optional[str] = None) -> Outcome:
         nonlocal fired
         torch._dynamo.reset()
         before = fused_moe_ops.fusion_stats()["rewrites"]
-        forced = {"test_configs.force_custom_op_decomposition": True} if on and force_decomposition else {}
-        with _fusion(on), inductor_config.patch(forced):
+        with _fusion(on), autotune.forced_lowering(lowering):
             outcome = run(torch.compile(fn, dynamic=p.dynamic), args)
         fired = fired or (on and fused_moe_ops.fusion_stats()["rewrites"] > before)
         return outcome
 
+    def without_pass() -> Outcome:
+        if not plain:
+            plain.append(compiled(False))
+        return plain[0]
+
+    findings = []
     autotune_was = fused_moe_ops.fusion.set_autotune(True)
     try:
-        got = compiled(True)
-        # Without the pass, Inductor's own differences from eager are not ours: they only decide the
-        # expected error type and stand in where Inductor accepts what eager refuses (see compare).
-        # Where eager returned and the pass's compile matches it, that compile cannot change the
-        # verdict, so it runs only where it can (about half the end-to-end time).
-        problem = None if eager.error is None and compare(got, eager, None, _scale(args), p.notes["topk"], _unit(args)) is None \
-            else compare(got, eager, compiled(False), _scale(args), p.notes["topk"], _unit(args))
+        for lowering in lowerings:
+            got = compiled(True, lowering)
+            # Without the pass, Inductor's own differences from eager are not ours: they only decide the
+            # expected error type and stand in where Inductor accepts what eager refuses (see compare).
+            # Where eager returned and the pass's compile matches it, that compile cannot change the
+            # verdict, so it runs only where it can (once per program).
+            problem = None if eager.error is None and compare(got, eager, None, _scale(args), p.notes["topk"], _unit(args)) is None \
+                else compare(got, eager, without_pass(), _scale(args), p.notes["topk"], _unit(args))
+            if problem:
+                findings.append(Finding(p, f"end-to-end ({lowering or 'Inductor choosing'})", p.m, problem))
     finally:
         fused_moe_ops.fusion.set_autotune(autotune_was)
         torch._dynamo.reset()
-    findings = [Finding(p, "end-to-end", p.m, problem)] if problem else []
     return findings, fired
 
 
@@ -458,7 +481,7 @@ def fuzz(seed: int, n_graph: int, n_e2e: int, log: Callable[[str], None] = lambd
             s.claimed += p.claimed
             s.fired += fired
             if i < n_e2e:
-                more, _ = check_end_to_end(p, seed * 100003 + i, force_decomposition=i % 2 == 1)
+                more, _ = check_end_to_end(p, seed * 100003 + i)
                 found += more
                 s.e2e += 1
             for f in found:
@@ -466,7 +489,7 @@ def fuzz(seed: int, n_graph: int, n_e2e: int, log: Callable[[str], None] = lambd
             s.findings += found
             if len(s.findings) >= stop_after:
                 break
-            if (i + 1) % 500 == 0:
+            if (i + 1) % (100 if i < n_e2e else 500) == 0:
                 log(f"... {i + 1} programs, {s.fired} rewritten, {len(s.findings)} findings, "
                     f"{time.perf_counter() - t0:.0f} s")
     s.seconds = time.perf_counter() - t0

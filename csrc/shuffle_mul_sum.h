@@ -352,6 +352,10 @@ inline Tensor expand(const TensorRef& t, std::array<int64_t, 2> sizes) {
 // when the addend is read in place (the kernel takes its row stride, 0 for a broadcast row), else
 // the new tensor.
 inline std::optional<Tensor> addend_as_rows(const TensorRef& a, int64_t m, int64_t k) {
+  // An addend without elements (M = 0 or K = 0) is never read. It must not be re-laid either: torch
+  // counts a tensor without elements as contiguous whatever its strides, so contiguous() would give
+  // the expanded (0, K) tensor back with its stride-0 rows, and combine_into would re-lay it forever.
+  if (a.numel() == 0) return std::nullopt;
   const bool dense_row = a.dim() >= 1 && a.size(-1) == k && (k <= 1 || a.stride(-1) == 1);
   if (a.dim() <= 2 && dense_row && (a.dim() == 1 || a.size(0) == m || a.size(0) == 1)) return std::nullopt;
   Tensor rows = a.dim() > 2 ? torch::stable::reshape(shared_tensor(a), {m, k}) : expand(a, {m, k});
@@ -506,7 +510,9 @@ using CombineFn = void (*)(const TensorRef& input, const PermLayout& perm, const
 template <CombineFn combine>
 void combine_into(const TensorRef& input, const std::optional<TensorRef>& permutation, const TensorRef& factors,
                   const CombineShape& s, const CombineOptions& o, const TensorRef& out) {
-  if (input.size(1) > 1 && input.stride(1) != 1) {  // rows may be strided; the last dimension must be dense
+  // Rows may be strided; the last dimension must be dense. An input without elements is read in place
+  // (see addend_as_rows: contiguous() would hand it back unchanged).
+  if (input.numel() > 0 && input.size(1) > 1 && input.stride(1) != 1) {
     const Tensor dense = torch::stable::contiguous(shared_tensor(input));
     combine_into<combine>(TensorRef(dense.get()), permutation, factors, s, o, out);
     return;
@@ -588,6 +594,15 @@ inline OwnedHandle take_optional_tensor(StableIValue v) {
   return h;
 }
 
+// A `Tensor` (not `Tensor?`) argument given as None reaches a kernel as an undefined tensor, whose
+// metadata cannot be read: named here, with what was expected (ops.check_defined's message).
+inline TensorRef required(const OwnedHandle& h, const char* name, const char* expected) {
+  bool defined = false;
+  shim_check(aoti_torch_is_defined(h.get(), &defined), "aoti_torch_is_defined");
+  FMO_CHECK(defined, FMO_PREFIX, name, " must be a tensor ", expected, ", got None");
+  return TensorRef(h.get());
+}
+
 inline std::optional<TensorRef> ref_if(const OwnedHandle& h) {
   if (h.get() == nullptr) return std::nullopt;
   return TensorRef(h.get());
@@ -605,8 +620,8 @@ void functional(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
   const OwnedHandle input = take_tensor(stack[0]), permutation = take_optional_tensor(stack[1]),
                     factors = take_tensor(stack[2]);
   const auto out_dtype = take<std::optional<ScalarType>>(stack[3]);
-  OwnedHandle out = shuffle_mul_sum_functional<combine>(TensorRef(input.get()), ref_if(permutation),
-                                                        TensorRef(factors.get()), out_dtype);
+  const TensorRef input_ref = required(input, "input", "(R, K)"), factors_ref = required(factors, "factors", "(M, topk)");
+  OwnedHandle out = shuffle_mul_sum_functional<combine>(input_ref, ref_if(permutation), factors_ref, out_dtype);
   stack[0] = torch::stable::detail::from(out.release());
 }
 
@@ -617,8 +632,8 @@ void out_variant(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
   const OwnedHandle input = take_tensor(stack[0]), permutation = take_optional_tensor(stack[1]),
                     factors = take_tensor(stack[2]);
   OwnedHandle out = take_tensor(stack[3]);
-  shuffle_mul_sum_out<combine>(TensorRef(input.get()), ref_if(permutation), TensorRef(factors.get()),
-                               TensorRef(out.get()));
+  const TensorRef input_ref = required(input, "input", "(R, K)"), factors_ref = required(factors, "factors", "(M, topk)");
+  shuffle_mul_sum_out<combine>(input_ref, ref_if(permutation), factors_ref, required(out, "out", "(M, K)"));
   stack[0] = torch::stable::detail::from(out.release());  // the same tensor back
 }
 
@@ -631,7 +646,8 @@ void fused(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
                     factors = take_tensor(stack[2]);
   const auto out_dtype = take<std::optional<ScalarType>>(stack[3]);
   const OwnedHandle addend = take_optional_tensor(stack[7]), row_mask = take_optional_tensor(stack[8]);
-  const TensorRef factors_ref(factors.get());
+  const TensorRef input_ref = required(input, "input", "(R, K)");
+  const TensorRef factors_ref = required(factors, "factors", "(M, topk) or (R,)");
   CombineOptions o;
   o.negative_index = take<int64_t>(stack[4]);
   o.factor_round = take<int64_t>(stack[5]);
@@ -639,8 +655,7 @@ void fused(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
   o.factors_per_row = factors_ref.dim() == 1;
   o.addend = ref_if(addend);
   o.row_mask = ref_if(row_mask);
-  OwnedHandle out = shuffle_mul_sum_fused<combine>(TensorRef(input.get()), ref_if(permutation), factors_ref,
-                                                   out_dtype, o);
+  OwnedHandle out = shuffle_mul_sum_fused<combine>(input_ref, ref_if(permutation), factors_ref, out_dtype, o);
   stack[0] = torch::stable::detail::from(out.release());
 }
 

@@ -28,3 +28,8 @@ from .integrations import transformers as _hf_experts  # noqa: E402
 _hf_experts.register_when_imported()
 
 __version__ = "0.1.0"
+
+# The engines' call signatures (integrations/engines.py: plain Python over the op, nothing heavy
+# imported). Imported here rather than through a module __getattr__: Dynamo does not call one, so a
+# first use inside torch.compile(fullgraph=True) would fail.
+from .integrations.engines import apply_shuffle_mul_sum, moe_sum  # noqa: F401,E402

@@ -79,6 +79,13 @@ def _names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+def check_defined(name: str, t: Optional[Tensor], expected: str) -> None:
+    """A ``Tensor`` (not ``Tensor?``) argument given as None: the dispatcher passes it on (as None to a
+    Python kernel, as an undefined tensor to a C++ one), so every kernel and the fake name it here,
+    before reading it. Same message as csrc/shuffle_mul_sum.h's boxed::required."""
+    torch._check(t is not None, lambda: f"moe::shuffle_mul_sum: {name} must be a tensor {expected}, got None")
+
+
 def check_args(
     input: Tensor, permutation: Optional[Tensor], factors: Tensor, out_dtype: Optional[torch.dtype]
 ) -> tuple:
@@ -88,6 +95,8 @@ def check_args(
     tests/test_errors.py holds both to it.
     """
     p = "moe::shuffle_mul_sum: "
+    check_defined("input", input, "(R, K)")
+    check_defined("factors", factors, "(M, topk)")
     torch._check(
         input.dim() == 2,
         lambda: f"{p}input must be a 2-D tensor (R, K), got {input.dim()}-D with shape {tuple(input.shape)}",
@@ -145,6 +154,7 @@ def check_args(
 
 def check_out(out: Tensor, input: Tensor, m, k) -> None:
     p = "moe::shuffle_mul_sum: "
+    check_defined("out", out, "(M, K)")
     torch._check(
         out.dim() == 2 and out.shape[0] == m and out.shape[1] == k,
         lambda: f"{p}out must have shape (M, K) = ({m}, {k}), got {tuple(out.shape)}",
@@ -213,6 +223,8 @@ def check_fused_args(input: Tensor, permutation: Optional[Tensor], factors: Tens
     """Validate the internal op's arguments; return (M, topk, K). Same rules and messages as
     csrc/shuffle_mul_sum.h's check_fused_args."""
     p = "moe::shuffle_mul_sum: "
+    check_defined("input", input, "(R, K)")
+    check_defined("factors", factors, "(M, topk) or (R,)")
     torch._check(negative_index in (SKIP_NEGATIVE, WRAP_NEGATIVE, NEGATIVE_IS_ERROR),
                  lambda: f"{p}negative_index must be 0 (skip), 1 (wrap) or 2 (error), got {negative_index}")
     torch._check(factor_round in FACTOR_ROUND.values(),

@@ -410,6 +410,14 @@ BAD_CALLS: List[BadCall] = [
             ("out must have shape (M, K) = (3, 5)", "got (15,)")),
     BadCall("out-int32", lambda d: _ok(d, out=torch.zeros(3, 5, dtype=torch.int32, device=d)), RuntimeError,
             ("out must have dtype float32, float16, bfloat16", "got torch.int32")),
+    # None for a Tensor argument: the dispatcher passes it on (an undefined tensor to a C++ kernel).
+    BadCall("input-None", lambda d: _ok(d, input=None), RuntimeError, ("input must be a tensor (R, K)", "got None")),
+    BadCall("factors-None", lambda d: _ok(d, factors=None), RuntimeError,
+            ("factors must be a tensor (M, topk)", "got None")),
+    BadCall("input-None-out-form", lambda d: _ok(d, input=None, out=torch.full((3, 5), float("nan"), device=d)),
+            RuntimeError, ("input must be a tensor (R, K)", "got None")),
+    BadCall("factors-None-out-form", lambda d: _ok(d, factors=None, out=torch.full((3, 5), float("nan"), device=d)),
+            RuntimeError, ("factors must be a tensor (M, topk)", "got None")),
     BadCall("out-float64", lambda d: _ok(d, out=torch.full((3, 5), float("nan"), dtype=torch.float64, device=d)),
             RuntimeError, ("out must have dtype float32, float16, bfloat16", "got torch.float64")),
 ]

@@ -8,6 +8,8 @@ where the C++ kernel is not built.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -192,3 +194,58 @@ def test_out_overlapping_an_input_raises(device, alias):
             f"{fn.__name__} wrote before raising"
         errors.append(err)
     assert errors[0] == errors[1]
+
+
+# ---- None for a Tensor argument ------------------------------------------------------------------
+# The dispatcher passes None on for a `Tensor` argument (an undefined tensor to a C++ kernel, None to a
+# Python one): every kernel and the fake name the argument. The functional and .out forms with input or
+# factors None are in BAD_CALLS above; here the .out form's out=None, the internal op, and compiled code.
+
+def _none_kernels():
+    from fused_moe_ops import reference, triton_kernel
+
+    kernels = [("dispatcher", torch.ops.moe._shuffle_mul_sum_fused, torch.ops.moe.shuffle_mul_sum.out),
+               ("reference", reference.shuffle_mul_sum_fused_reference, reference.shuffle_mul_sum_reference_out),
+               ("triton", triton_kernel.shuffle_mul_sum_fused_triton, triton_kernel.shuffle_mul_sum_triton_out)]
+    return [pytest.param(fused, out_form, id=name) for name, fused, out_form in kernels]
+
+
+@pytest.mark.parametrize("fused, out_form", _none_kernels())
+@pytest.mark.parametrize("tensors", ["real", "fake"])
+def test_none_for_a_tensor_argument_names_it(fused, out_form, tensors):
+    x, p, f = torch.randn(8, 5), torch.tensor([0, 1, -1, 3, 4, 2]), torch.rand(3, 2)
+    out = torch.full((3, 5), float("nan"))
+    if tensors == "fake":
+        mode = FakeTensorMode()
+        x, p, f, out = (mode.from_tensor(t) for t in (x, p, f, out))
+    else:
+        mode = contextlib.nullcontext()
+    before = snapshot(x, p, f, out) if tensors == "real" else None
+    cases = [
+        (lambda: out_form(x, p, f, out=None), "out must be a tensor (M, K), got None"),
+        (lambda: fused(x, p, None, None, 1, 0, 1.0, None, None), "factors must be a tensor (M, topk) or (R,), got None"),
+        (lambda: fused(None, p, f, None, 1, 0, 1.0, None, None), "input must be a tensor (R, K), got None"),
+    ]
+    for call, message in cases:
+        with mode:
+            with pytest.raises(RuntimeError) as info:
+                call()
+        assert str(info.value) == f"moe::shuffle_mul_sum: {message}", str(info.value)
+    if before is not None:
+        assert_unmodified(before, x, p, f, out)
+
+
+@pytest.mark.parametrize("spelling", ["functional", "out-form", "internal-op"])
+def test_none_for_a_tensor_argument_names_it_compiled(spelling):
+    """torch.compile of a call with None where a tensor goes: the fake's message, naming the argument."""
+    x, p, f = torch.randn(8, 5), torch.tensor([0, 1, -1, 3, 4, 2]), torch.rand(3, 2)
+    fn, message = {
+        "functional": (lambda x, p: torch.ops.moe.shuffle_mul_sum(x, p, None), "factors must be a tensor (M, topk)"),
+        "out-form": (lambda x, p: torch.ops.moe.shuffle_mul_sum.out(x, p, f, out=None), "out must be a tensor (M, K)"),
+        "internal-op": (lambda x, p: torch.ops.moe._shuffle_mul_sum_fused(x, p, None, None, 1),
+                        "factors must be a tensor (M, topk) or (R,)"),
+    }[spelling]
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(fn, backend="inductor", fullgraph=True)(x, p)
+    assert f"moe::shuffle_mul_sum: {message}, got None" in str(info.value), str(info.value)

@@ -36,7 +36,9 @@ class Spec(NamedTuple):
     per_row: bool = False     # factors (R,) read through the permutation
     rounding: Optional[torch.dtype] = None
     scale: float = 1.0
-    addend: Optional[str] = None  # None | "same" (M, K) input dtype | "f32-bias" (K,) | "viewed" (1, M, K)
+    addend: Optional[str] = None  # None | "same" (M, K) | "f32-bias" (K,) | "viewed" (1, M, K) | "row" (1, K) | "col" (M, 1)
+    addend_dtype: Optional[torch.dtype] = None  # default: the input's ("f32-bias": float32)
+    factors_strided: bool = False  # factors a non-contiguous view
     index_dtype: torch.dtype = torch.int64
     row_pad: int = 0
     row_mask: bool = False    # a bool (R,) mask; the masked rows hold NaN, which must not leak
@@ -92,27 +94,34 @@ def make_fused_case(spec: Spec, seed: int, device: str):
     x = make_input(rows, spec.k, spec.dtype, g, row_pad=spec.row_pad)
     p = None if spec.identity else _permutation(spec, rows, g)
     if spec.per_row:
-        f = make_factors(1, rows, torch.float32, g).view(rows)
+        f = make_factors(1, 2 * rows, torch.float32, g).view(-1)[::2] if spec.factors_strided else \
+            make_factors(1, rows, torch.float32, g).view(rows)
         p = p.view(spec.m, spec.topk)
     else:
-        f = make_factors(spec.m, spec.topk, torch.float32, g)
+        f = make_factors(spec.m, spec.topk, torch.float32, g, transposed=spec.factors_strided)
     mask = None
     if spec.row_mask:
         mask = torch.rand(rows, generator=g) < 0.3
-        mask[0] = True
-        if p is not None:
+        if rows:
+            mask[0] = True
+        if p is not None and p.numel():
             mask[int(p.reshape(-1)[0]) % rows] = True  # a masked row that is read
         x = x.clone()
         x[mask] = float("nan")  # skipped rows must not leak, even NaN
     if spec.nonfinite:
         _poison_factors(spec, x.shape[0], p, f, mask)
     a = None
+    a_dtype = spec.addend_dtype or (torch.float32 if spec.addend == "f32-bias" else spec.dtype)
     if spec.addend == "same":
-        a = make_input(spec.m, spec.k, spec.dtype, g)
+        a = make_input(spec.m, spec.k, a_dtype, g)
     elif spec.addend == "f32-bias":
-        a = make_input(1, spec.k, torch.float32, g).view(spec.k)
+        a = make_input(1, spec.k, a_dtype, g).view(spec.k)
     elif spec.addend == "viewed":
-        a = make_input(spec.m, spec.k, spec.dtype, g).view(1, spec.m, spec.k)
+        a = make_input(spec.m, spec.k, a_dtype, g).view(1, spec.m, spec.k)
+    elif spec.addend == "row":
+        a = make_input(1, spec.k, a_dtype, g)
+    elif spec.addend == "col":
+        a = make_input(spec.m, 1, a_dtype, g)
     return tuple(to_device(t, device) for t in (x, p, f, a, mask))
 
 

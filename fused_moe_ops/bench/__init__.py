@@ -13,4 +13,7 @@ One concern per module:
     hf_eager.py   eager HF model, experts_implementation grouped_mm vs fused_moe_ops
     report.py     text tables, Markdown, JSON, the plot
     targets.py    the performance targets, evaluated on one run
+
+A tool of its own: ``python -m fused_moe_ops.bench.engines`` (engines.py), what the engines' call
+signatures (fused_moe_ops.apply_shuffle_mul_sum, fused_moe_ops.moe_sum) cost per call over the op.
 """

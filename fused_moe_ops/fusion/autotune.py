@@ -62,6 +62,9 @@ def _env_preference() -> float:
 
 
 _preference: float = _env_preference()
+# A lowering forced for every combine (forced_lowering): "op" or a DECOMPOSITIONS key; None: Inductor chooses.
+LOWERINGS = ("op",) + tuple(DECOMPOSITIONS)
+_forced: Optional[str] = None
 _registered = False
 _call = threading.local()  # the combine being lowered: what the input generators and configs need
 
@@ -129,9 +132,29 @@ def decomposition_preference() -> float:
     return _preference
 
 
+@contextlib.contextmanager
+def forced_lowering(choice: Optional[str]):
+    """Inside, every rewritten combine Inductor lowers is lowered as ``choice`` without a benchmark:
+    "op" (the op's kernel), "reduction" or "unrolled" (that decomposition inlined; "unrolled" needs a
+    static topk <= MAX_UNROLLED_TOPK, else the op stays), or None (Inductor chooses). For tests and the
+    fuzzer, which hold each lowering to eager's result; ``fusion_stats()["lowered"]`` says what was
+    lowered. Part of the cache key: compile inside the block."""
+    global _forced
+    if choice is not None and choice not in LOWERINGS:
+        raise ValueError(f"forced_lowering takes one of {LOWERINGS} or None, got {choice!r}")
+    with _lock:
+        previous, _forced = _forced, choice
+    try:
+        yield
+    finally:
+        with _lock:
+            _forced = previous
+
+
 def cache_key() -> str:
     """What decides the choice, for the pass's uuid (the FX graph cache key)."""
-    return f"autotune={'on' if _enabled else 'off'}|available={available() is None}|preference={_preference!r}"
+    return (f"autotune={'on' if _enabled else 'off'}|available={available() is None}|preference={_preference!r}"
+            f"|forced={_forced}")
 
 
 # ------------------------------------------------------------------ registration
@@ -285,6 +308,8 @@ def _choose(named: dict):
     import torch._inductor.config as inductor_config
     from torch._inductor.kernel.custom_op import autotune_custom_op
 
+    if _forced is not None:
+        return _inline(named, _forced, "forced_lowering")
     why = why_not_autotuned(named)
     if why is SYMBOLIC:
         return _lower_symbolic(named)
@@ -323,19 +348,27 @@ def _lower_symbolic(named: dict):
     """A combine with a symbolic size (the token count under dynamic shapes): the decomposition
     ``policy.symbolic_size_choice`` names, inlined as IR without a benchmark, or None (the op stays);
     with the choice's name as _choose gives it."""
-    from torch._inductor.kernel import custom_op
-
     x, factors = named["input"], named["factors"]
     topk = _static((named["permutation"].get_size() if len(factors.get_size()) == 1 else factors.get_size())[1])
     k = _static(x.get_size()[1])
     device, dtype = x.get_device(), x.get_dtype()
-    choice = policy.symbolic_size_choice(device.type, topk, k, dtype)
+    return _inline(named, policy.symbolic_size_choice(device.type, topk, k, dtype), "policy.symbolic_size_choice")
+
+
+def _inline(named: dict, choice: str, why: str):
+    """The decomposition ``choice`` inlined as IR without a benchmark, or None where the op stays
+    (``choice`` "op", an unrolled decomposition without a small static topk, torch without the inliner);
+    with the choice's name as _choose gives it."""
+    from torch._inductor.kernel import custom_op
+
+    factors = named["factors"]
+    topk = _static((named["permutation"].get_size() if len(factors.get_size()) == 1 else factors.get_size())[1])
     lower = getattr(custom_op, "_lower_single_impl", None)  # torch's own inliner (private: checked)
     if lower is not None and list(inspect.signature(lower).parameters)[:5] != [
             "impl", "impl_kwargs", "runtime_kwargs", "tensor_inputs", "name"]:
         lower = None
     if choice == "op" or lower is None or (choice == "unrolled" and (topk is None or topk > MAX_UNROLLED_TOPK)):
-        log.debug("fused_moe_ops: the op stays (a symbolic size; policy.symbolic_size_choice: %s)", choice)
+        log.debug("fused_moe_ops: the op stays (%s: %s)", why, choice)
         return None, "op"
     tensors = [named[n] for n in TENSOR_ARGS if named.get(n) is not None]
     kwargs = {n: named.get(n, DEFAULTS[n]) for n in _SCALARS}
@@ -350,8 +383,8 @@ def _lower_symbolic(named: dict):
         result = lower(DECOMPOSITIONS[choice], kwargs, {}, tensors, f"moe_shuffle_mul_sum_fused_{choice}")
     finally:
         shapes_log.setLevel(level)
-    log.debug("fused_moe_ops: a symbolic size: %s", "the op stays (the decomposition adds a guard)"
-              if result is None else f"{choice} inlined (policy.symbolic_size_choice)")
+    log.debug("fused_moe_ops: %s", "the op stays (the decomposition adds a guard)"
+              if result is None else f"{choice} inlined ({why})")
     return result, ("op" if result is None else choice)
 
 

@@ -8,7 +8,9 @@ Each computes exactly the op's semantics (ops.py, FUSED_SCHEMA; fused_moe_ops/re
 * float32 accumulation of ``factor * row``, then ``* scale``, then ``+ addend``, rounded once;
 * ``negative_index`` 0: a negative entry contributes nothing (even where its factor is NaN/inf);
   1: it reads row ``p + R``; 2: it is an error. Out-of-range entries fail Inductor's bounds check of
-  the indirect load (the index is routed out of range where the op would raise);
+  the indirect load: every entry the op rejects (``p >= R``; ``p < -R`` when wrapping; ``p < 0``
+  as an error) reaches the load as a row index >= R, never as a negative one, which the load would
+  wrap again;
 * a ``row_mask``ed row reads as zeros and keeps its factor (``0 * NaN`` is NaN, as eager's
   ``masked_fill(mask, 0)[idx] * w``);
 * per-row factors ``(R,)`` are read through the (wrapped) permutation; ``factor_round`` rounds each
@@ -64,7 +66,10 @@ def _slots(input: Tensor, permutation: Optional[Tensor], factors: Tensor, negati
             # Row R does not exist: the load's bounds check raises, as the op does.
             index = torch.where(p < 0, rows, p)
         else:
-            index = torch.where(p < 0, p + rows, p)  # p < -R stays negative: the bounds check raises
+            # -R <= p < 0 reads row p + R. p < -R must not stay negative: Inductor's indirect load wraps a
+            # negative index once more (-R-1 -> -1 -> R-1) before its bounds check, which would pass. Routed
+            # to row R instead, which does not exist, so the bounds check raises as the op does.
+            index = torch.where(p < -rows, rows, torch.where(p < 0, p + rows, p))
     masked = None
     if row_mask is not None:
         masked = row_mask.view(m, topk) if index is None else row_mask[index]

@@ -1,5 +1,7 @@
-"""Integrations with the libraries MoE users already run (HF transformers: ``transformers.py``).
+"""Where MoE users already are: the library's op behind other projects' interfaces.
 
-Each integration is a module of its own that imports its library lazily: importing this package
-imports none of them.
+``engines``: SGLang's ``apply_shuffle_mul_sum`` and vLLM's ``moe_sum`` call signatures, re-exported
+as ``fused_moe_ops.apply_shuffle_mul_sum`` and ``fused_moe_ops.moe_sum``.
+``transformers``: HF transformers' experts implementation ``"fused_moe_ops"``, registered when
+transformers is imported (it imports transformers lazily: importing this package does not).
 """
