@@ -4,7 +4,8 @@ The families are enumerated from the installed transformers (a modeling file wit
 ``@use_experts_implementation`` experts class and a causal-LM auto mapping), so a family added to
 transformers is tested without an edit here. Each config is the family's default config with every
 size attribute it has shrunk (the same overrides for all; a family needing more lists it in
-``EXTRA``), float32 weights drawn at random from a fixed seed.
+``EXTRA``), float32 weights drawn at random from a fixed seed, the experts' own (biases included)
+redrawn at a larger scale.
 """
 from __future__ import annotations
 
@@ -93,6 +94,13 @@ def tiny_model(model_type: str, experts_implementation: str, dtype=None):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, experts_implementation=experts_implementation)
     model.eval()
+    # The experts' weights drawn afresh, biases included (initialised to 0 they would hide a bias
+    # the backend forgot): what is under test must matter to the logits.
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "_is_expert_parallel"):
+                for name, p in module.named_parameters(recurse=False):
+                    p.normal_(0.0, 0.1)
     if dtype is not None:
         model.to(dtype)
     return model

@@ -202,6 +202,32 @@ def test_both_paths_match_float64(qwen_experts, tokens, dtype):
     torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("tokens", [3, 40], ids=["decode_path", "grouped_path"])
+def test_post_expert_norm_experts(tokens):
+    # The one family with a post-expert norm (MuseSpark) is not a causal LM: its experts alone.
+    from transformers.models.muse_spark.configuration_muse_spark import MuseSparkTextConfig
+    from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
+
+    cfg = MuseSparkTextConfig(moe_hidden_size=32, moe_intermediate_size=24, num_local_experts=8, hidden_size=32,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    torch.manual_seed(6)
+    experts = MuseSparkExperts(cfg)
+    assert experts.has_post_expert_norm
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0.0, 0.3)
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(tokens, 32, generator=g)
+    ids, weights = routing(tokens, 4, 8, g)
+    with torch.inference_mode():
+        ours = hf.experts_forward(experts, hidden, ids, weights)
+        theirs = hf._grouped_mm_forward(experts, hidden, ids, weights)
+        experts.has_post_expert_norm = False
+        unnormed = hf._grouped_mm_forward(experts, hidden, ids, weights)
+    assert not torch.allclose(unnormed, theirs, rtol=1e-3, atol=1e-3)  # the norm matters to this check
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 def test_grad_mode_falls_back_to_grouped_mm_and_says_so_once(qwen_experts, caplog, monkeypatch):
     monkeypatch.setattr(hf, "_warned_grad", False)
     g = torch.Generator().manual_seed(4)
