@@ -265,6 +265,8 @@ def render(info: Dict[str, Any]) -> str:
     hf = info["hf_experts"]
     if hf["registered"]:
         add(f'HF experts backend  experts_implementation="{hf["name"]}" {hf["reason"]}')
+    elif hf.get("will_register"):
+        add(f'HF experts backend  experts_implementation="{hf["name"]}" available: {hf["reason"]}')
     else:
         add(f'HF experts backend  experts_implementation="{hf["name"]}" not registered: {hf["reason"]}')
     add("")

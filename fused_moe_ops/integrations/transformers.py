@@ -208,18 +208,34 @@ def register_when_imported() -> None:
 
 
 def state() -> dict:
-    """``{"registered": bool, "reason": str, "pending": bool}``, without importing transformers."""
+    """``{"registered": bool, "reason": str, "pending": bool, "will_register": bool}``, without
+    importing transformers. pending: the import hook waits; will_register: and the installed
+    transformers is recent enough."""
     info = dict(_STATE)
     info["pending"] = _HOOK is not None and _HOOK.pending()
+    info["will_register"] = False
     if not info["registered"] and info["pending"]:
-        info["reason"] = ("registers when transformers' experts interface is imported"
-                          if _transformers_present() else "transformers is not installed")
+        version = _installed_version()
+        if version is None:
+            info["reason"] = "transformers is not installed"
+        elif _parse_version(version) < MIN_TRANSFORMERS:
+            info["reason"] = f"transformers {version} < 5.7 has no experts interface to register in"
+        else:
+            info["will_register"] = True
+            info["reason"] = f"transformers {version} installed; registers when its experts interface is imported"
     return info
 
 
-def _transformers_present() -> bool:
-    if "transformers" in sys.modules:
-        return sys.modules["transformers"] is not None
-    import importlib.util
+def _installed_version() -> Optional[str]:
+    """The installed transformers' version, read from its metadata (no import); None if absent."""
+    module = sys.modules.get("transformers", False)
+    if module is None:  # an import of it failed, or was blocked
+        return None
+    if module is not False:
+        return getattr(module, "__version__", "0")
+    from importlib import metadata
 
-    return importlib.util.find_spec("transformers") is not None
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
