@@ -6,8 +6,10 @@
 Importing the package defines ``torch.ops.moe.shuffle_mul_sum`` and loads its CPU kernel (from the
 wheel, from the build cache, or compiled once; the CUDA kernel too where a GPU is visible), and
 arranges for the Inductor pass that rewrites the eager combine spelling into the op under
-``torch.compile`` to be installed when Inductor is imported (fusion/__init__.py). It imports
-neither Inductor, Dynamo, Triton nor setuptools itself: an eager user pays only for the kernels.
+``torch.compile`` to be installed when Inductor is imported (fusion/__init__.py), and the HF
+transformers experts backend ``experts_implementation="fused_moe_ops"`` to be registered when
+transformers' experts interface is imported (integrations/transformers.py). It imports neither
+Inductor, Dynamo, Triton, transformers nor setuptools itself: an eager user pays only for the kernels.
 """
 from .ops import shuffle_mul_sum  # noqa: F401  (defines the schema and the fake)
 from .reference import shuffle_mul_sum_reference  # noqa: F401
@@ -18,6 +20,12 @@ _registry.setup()
 # The fusion pass's switch and counters (cheap: the pass itself, and Inductor, load when Inductor is
 # first imported; fusion/__init__.py).
 from .fusion import disable_fusion, enable_fusion, fusion_enabled, fusion_stats, reset_fusion_stats  # noqa: F401,E402
+
+# experts_implementation="fused_moe_ops" for HF transformers >= 5.7, registered when transformers'
+# experts interface is imported (never imports transformers itself).
+from .integrations import transformers as _hf_experts  # noqa: E402
+
+_hf_experts.register_when_imported()
 
 __version__ = "0.1.0"
 

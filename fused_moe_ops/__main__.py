@@ -2,7 +2,8 @@
 
 Prints the versions that matter (Python, torch, Triton, CUDA toolkit and device), which kernel
 serves ``moe::shuffle_mul_sum`` on CPU and on CUDA and why (build result, fallback reason),
-where the build cache is, whether the Inductor fusion pass is installed and enabled, and, for a
+where the build cache is, whether the Inductor fusion pass is installed and enabled, whether the HF
+transformers experts backend is registered, and, for a
 build that failed, the compiler's full message.
 
     python -m fused_moe_ops            # human-readable report
@@ -82,6 +83,13 @@ def _fusion_info() -> Dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         info["error"] = f"{type(e).__name__}: {e}"
     return info
+
+
+def _hf_experts_info() -> Dict[str, Any]:
+    """The HF transformers experts backend's state, without importing transformers."""
+    from .integrations import transformers as hf
+
+    return {"name": hf.NAME, **hf.state()}
 
 
 def _dispatcher_registrations() -> Dict[str, str]:
@@ -171,6 +179,7 @@ def collect() -> Dict[str, Any]:
         "dispatcher": _dispatcher_registrations(),
         "builds": builds,
         "fusion": _fusion_info(),
+        "hf_experts": _hf_experts_info(),
         "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
     }
 
@@ -252,6 +261,14 @@ def render(info: Dict[str, Any]) -> str:
         add(f"Fusion pass     NOT available ({fu['error']})")
     if fu["available"] and fu["error"]:
         add(f"                ({fu['error']})")
+    add("")
+    hf = info["hf_experts"]
+    if hf["registered"]:
+        add(f'HF experts backend  experts_implementation="{hf["name"]}" {hf["reason"]}')
+    elif hf.get("will_register"):
+        add(f'HF experts backend  experts_implementation="{hf["name"]}" available: {hf["reason"]}')
+    else:
+        add(f'HF experts backend  experts_implementation="{hf["name"]}" not registered: {hf["reason"]}')
     add("")
     if info["env"]:
         add("Environment")

@@ -137,3 +137,33 @@ def test_readme_usage_prints_what_the_readme_says(tmp_path):
                           cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout == shown, f"README shows:\n{shown}\nthe code printed:\n{proc.stdout}"
+
+
+TINY_HF = ["--tokens", "24", "--hidden", "64", "--experts", "8", "--topk", "2", "--layers", "2", "--iters", "1"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_experts(dtype):
+    pytest.importorskip("transformers", minversion="5.7")
+    out = run_example("hf_experts.py", "--device", "cpu", "--dtype", dtype, *TINY_HF)
+    assert "moe::shuffle_mul_sum calls per forward: grouped_mm: 0, fused_moe_ops: 2 (one per MoE layer)" in out, out
+    diff = float(re.search(r"max \|logits difference\| / max \|logits\| = (\S+)", out).group(1))
+    assert diff <= (1e-5 if dtype == "float32" else 5e-2), out
+    assert re.search(r"^fused_moe_ops\s+[0-9.]+\s+[0-9.]+x$", out, re.M), out
+    if dtype == "float32":  # bf16 logits may tie or flip an argmax between the two roundings
+        assert "greedy: same tokens" in out, out
+
+
+def test_readme_hf_section_prints_what_the_readme_says(tmp_path):
+    pytest.importorskip("transformers", minversion="5.7")
+    section = "## Use it from HF transformers"
+    code, shown = _readme_block(section, "python"), _readme_block(section, "")
+    script = tmp_path / "hf.py"
+    script.write_text(code)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if not HAS_CUDA:
+        env.setdefault("FUSED_MOE_OPS_NO_CUDA", "1")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout == shown, f"README shows:\n{shown}\nthe code printed:\n{proc.stdout}"

@@ -1,7 +1,8 @@
 """A cheap import: `import fused_moe_ops` loads the kernels and nothing heavy.
 
-Inductor and Dynamo (about a second), Triton and setuptools (via torch.utils.cpp_extension) stay
-out of an eager user's process; the fusion pass is still in place before the first torch.compile,
+Inductor and Dynamo (about a second), Triton, setuptools (via torch.utils.cpp_extension) and HF
+transformers (its experts backend registers when transformers is imported) stay out of an eager
+user's process; the fusion pass is still in place before the first torch.compile,
 because it is installed when torch._inductor is imported. Checked on sys.modules in fresh
 interpreters (robust), not on timings (docs/BUILDING.md has those numbers).
 """
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY_MODULES = ("torch._inductor", "torch._dynamo", "triton", "setuptools", "torch.utils.cpp_extension")
+HEAVY_MODULES = ("torch._inductor", "torch._dynamo", "triton", "setuptools", "torch.utils.cpp_extension",
+                 "transformers")
 
 
 def _run(code: str, **env) -> dict:
@@ -57,7 +59,7 @@ INSTALLED = """
     print(json.dumps({{"inductor_after_import": after_import,
                       "installed": contains_fusion(config.post_grad_custom_post_pass),
                       "slot": repr(config.post_grad_custom_post_pass),
-                      "hook_left": any(type(f).__name__ == "_InductorImportHook" for f in sys.meta_path),
+                      "hook_left": any(getattr(f, "module_name", None) == "torch._inductor" for f in sys.meta_path),
                       "loader": type(sys.modules["torch._inductor"].__loader__).__name__}}))
 """
 
@@ -67,7 +69,7 @@ def test_pass_installed_when_inductor_is_imported_later():
     assert not info["inductor_after_import"]
     assert info["installed"], info["slot"]
     assert not info["hook_left"]  # one-shot
-    assert info["loader"] != "_InstallAfterExec"  # the real loader is back in place
+    assert info["loader"] != "_CallAfterExec"  # the real loader is back in place
 
 
 def test_pass_installed_at_once_when_inductor_was_imported_first():

@@ -10,6 +10,7 @@ One concern per module:
     sweep.py      the op-level sweep: one shape, every implementation; named grids ("pass-vs-inductor")
     models.py     the model-level comparison (TinyMoE and the HF models), with vs without the pass
     hf_models.py  Qwen3-MoE / Qwen2-MoE from transformers' own classes, random weights
+    hf_eager.py   eager HF model, experts_implementation grouped_mm vs fused_moe_ops
     report.py     text tables, Markdown, JSON, the plot
     targets.py    the performance targets, evaluated on one run
 

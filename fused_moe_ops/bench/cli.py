@@ -19,6 +19,9 @@ transformers' own classes, random weights; full widths on CUDA, tiny widths on C
 fused_moe_ops/bench/hf_models.py). Table: tokens, without pass, with pass, with/without speed,
 rewrites, kernel launches.
 
+The eager HF mode (--hf-eager). A Qwen3-MoE-shaped HF model run eagerly with transformers'
+experts_implementation "grouped_mm" and "fused_moe_ops" (fused_moe_ops/bench/hf_eager.py).
+
 Timing. CPU: wall clock (time.perf_counter) of batches of calls, in rounds that alternate between
 the implementations (so load from other processes hits them alike), median over rounds. CUDA:
 for M <= --graph-max-m each implementation's calls are captured in a CUDA graph (each call on a
@@ -34,6 +37,7 @@ per shape (a mismatch is flagged in the "note" column and in the JSON).
     python -m fused_moe_ops.bench --device cuda --grid pass-vs-inductor --json pvi.json   # pass vs no pass, ~2 min
     python -m fused_moe_ops.bench --model               # compiled models, with vs without the pass
     python -m fused_moe_ops.bench --model --model-set qwen3_moe --model-m 1,64,4096
+    python -m fused_moe_ops.bench --hf-eager --threads 2    # eager HF model: grouped_mm vs fused_moe_ops
 
 The fusion pass API (fused_moe_ops.disable_fusion / fusion_stats) is optional: without it the
 "inductor+pass" rows and the "with pass" model columns are skipped and said so.
@@ -120,6 +124,11 @@ def parse_args(argv=None):
     g.add_argument("--hf-sentinel-mask", action="store_true",
                    help="HF models: take transformers' expert-parallel path, whose masked_fill of the expert rows "
                         "sits right before the combine (transformers <= 5.17 always runs it)")
+    g = p.add_argument_group("eager HF mode")
+    g.add_argument("--hf-eager", action="store_true",
+                   help="eager HF Qwen3-MoE-shaped model (2 layers, hidden 1024, 64 experts, top-8): "
+                        "experts_implementation grouped_mm vs fused_moe_ops, interleaved rounds (bench/hf_eager.py)")
+    g.add_argument("--hf-eager-tokens", type=_ints, default=None, help="token counts (default 1,16,256,1024,4096)")
     return p.parse_args(argv)
 
 
@@ -144,7 +153,9 @@ def apply_defaults(args, device: str) -> None:
     if args.min_rounds is None:
         args.min_rounds = 9 if args.model else 5
     if args.budget is None:
-        if args.model:
+        if args.hf_eager:
+            args.budget = 1.0
+        elif args.model:
             args.budget = 1.0 if device == "cpu" else 0.05
         else:
             args.budget = (0.15 if args.quick else 0.4) if device == "cpu" else (0.05 if args.quick else 0.15)
@@ -192,6 +203,9 @@ def main(argv=None) -> int:
           f"python {info['python']}, backends {info['backends']}, fusion pass: {info['fusion_api']}")
     result = {"machine": info, "device": device, "dtype": str(dtype).replace("torch.", ""), "args": vars(args)}
 
+    if args.hf_eager:
+        run_hf_eager(args, device, dtype, label, result)
+        return 0
     if args.model:
         run_models(args, device, dtype, label, result, model_names, models_skipped)
     else:
@@ -206,6 +220,26 @@ def main(argv=None) -> int:
         report.write_json(args.json_path, result)
         print(f"# json: {args.json_path}")
     return 0
+
+
+def run_hf_eager(args, device, dtype, label, result) -> None:
+    from fused_moe_ops.bench import hf_eager
+
+    tokens = args.hf_eager_tokens or list(hf_eager.DEFAULT_TOKENS)
+    print(f"# eager HF Qwen3-MoE-shaped model on {label}, {result['dtype']}: {hf_eager.WIDTHS}, 2 layers; "
+          f"tokens {tokens}; inference_mode; interleaved rounds (>= {args.min_rounds}), {args.stat}; "
+          "speed = grouped_mm time / fused_moe_ops time")
+    rows = hf_eager.bench(device, dtype, tokens, args.budget, args.min_rounds)
+    result["hf_eager_rows"] = rows
+    if hasattr(os, "getloadavg"):
+        print(f"# load average at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+    if args.md_path:
+        with open(args.md_path, "w") as f:
+            f.write(hf_eager.markdown(rows, label))
+        print(f"# markdown: {args.md_path}")
+    if args.json_path:
+        report.write_json(args.json_path, result)
+        print(f"# json: {args.json_path}")
 
 
 def run_models(args, device, dtype, label, result, names, skipped) -> None:

@@ -21,14 +21,11 @@ See docs/FUSION.md for what it matches.
 """
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import logging
-import sys
-import threading
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
+from .._import_hook import AfterImportHook, call_after_import
 from . import _state
 from .autotune import autotune_enabled, decomposition_preference, set_autotune, set_decomposition_preference
 from .policy import should_rewrite
@@ -126,15 +123,16 @@ def __getattr__(name: str) -> Any:
 # Importing torch._inductor (and torch._dynamo with it) takes about a second; an eager user should not
 # pay it. Inductor reads post_grad_custom_post_pass only when it compiles, and every path to a compile
 # imports the torch._inductor package first. So: if it is imported already, install now; otherwise
-# a one-shot sys.meta_path finder wraps the loader of torch._inductor and installs right after the
-# package's own code ran.
+# right after the package's own code ran (a one-shot import hook, fused_moe_ops/_import_hook.py).
 
 _INDUCTOR = "torch._inductor"
-_hook_lock = threading.Lock()
+_HOOK: Optional[AfterImportHook] = None
 log = logging.getLogger("fused_moe_ops")
 
 
 def _install_now() -> None:
+    if _state.disabled_by_env():
+        return
     try:
         from ._pass import install
 
@@ -144,61 +142,16 @@ def _install_now() -> None:
                       "torch.compile runs without it", RuntimeWarning, stacklevel=2)
 
 
-class _InstallAfterExec(importlib.abc.Loader):
-    """Runs the real loader of torch._inductor, then installs the pass."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, is_package, ...
-        return getattr(self._inner, name)
-
-    def create_module(self, spec):
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        # Put the real loader back first: nothing should see this wrapper after the import.
-        module.__loader__ = self._inner
-        if module.__spec__ is not None:
-            module.__spec__.loader = self._inner
-        self._inner.exec_module(module)
-        if not _state.disabled_by_env():
-            _install_now()
-
-
-class _InductorImportHook(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != _INDUCTOR:
-            return None
-        _remove_hook()
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _InstallAfterExec(spec.loader)
-        return spec
-
-
-_HOOK = _InductorImportHook()
-
-
-def _remove_hook() -> None:
-    with _hook_lock:
-        if _HOOK in sys.meta_path:
-            sys.meta_path.remove(_HOOK)
-
-
 def install_when_inductor_loads() -> None:
     """Install the pass now if torch._inductor is imported, else as soon as it is."""
-    if _INDUCTOR in sys.modules:
-        _install_now()
-        return
-    with _hook_lock:
-        if _HOOK not in sys.meta_path:
-            sys.meta_path.insert(0, _HOOK)
+    global _HOOK
+    if not install_pending():
+        _HOOK = call_after_import(_INDUCTOR, _install_now)
 
 
 def install_pending() -> bool:
     """Whether the pass waits for torch._inductor to be imported."""
-    return _HOOK in sys.meta_path
+    return _HOOK is not None and _HOOK.pending()
 
 
 if not _state.disabled_by_env():
