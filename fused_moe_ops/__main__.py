@@ -228,7 +228,8 @@ def render(info: Dict[str, Any]) -> str:
         stats = fu["stats"] or {}
         state = "enabled" if fu["enabled"] else "DISABLED (fused_moe_ops.disable_fusion() / enable_fusion())"
         add(f"Fusion pass     installed in torch._inductor.config.post_grad_custom_post_pass, {state}")
-        add(f"                rewrites in this process so far: {stats.get('rewrites', '?')}")
+        from_cache = f" ({stats['from_cache']} from Inductor's FX graph cache)" if stats.get("from_cache") else ""
+        add(f"                rewrites in this process so far: {stats.get('rewrites', '?')}{from_cache}")
     elif fu["available"]:
         why = ("FUSED_MOE_OPS_DISABLE_FUSION is set" if info["env"].get("FUSED_MOE_OPS_DISABLE_FUSION")
                else "the Inductor slot does not hold it")
