@@ -25,6 +25,10 @@ import torch
 import fused_moe_ops
 from fused_moe_ops import _registry, build as _build
 
+# One xdist worker runs this whole file, in order: its tests compare the shared build cache's files
+# before and after, and build into it.
+pytestmark = pytest.mark.xdist_group("build_cache")
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY_MODULES = ("torch._inductor", "torch._dynamo", "triton", "setuptools", "torch.utils.cpp_extension")
