@@ -86,13 +86,15 @@ def _torch_extensions(skipped):
         skipped["cuda"] = f"torch {torch.__version__} is not a CUDA build"
     elif _find_cuda_home() is None:
         skipped["cuda"] = "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+    elif mismatch := SPEC.cuda_major_mismatch(_find_cuda_home(), torch.version.cuda):
+        skipped["cuda"] = mismatch
     else:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", SPEC.DEFAULT_CUDA_ARCH_LIST)
         extensions.append(cpp_extension.CUDAExtension(
             "fused_moe_ops." + SPEC.WHEEL_LIBRARIES["cuda"],
             sources=[f"{csrc}/{s}" for s in SPEC.CUDA_SOURCES],
-            include_dirs=[str(ROOT / csrc)] + SPEC.cuda_include_paths(),
-            extra_compile_args={"cxx": SPEC.CUDA_CXX_FLAGS + NO_DEBUG_INFO, "nvcc": list(SPEC.CUDA_NVCC_FLAGS)},
+            include_dirs=[str(ROOT / csrc)],
+            extra_compile_args={"cxx": SPEC.CUDA_CXX_FLAGS + NO_DEBUG_INFO, "nvcc": SPEC.CUDA_NVCC_FLAGS + SPEC.cuda_pip_include_flags(_find_cuda_home())},
             py_limited_api=True,
         ))
     for kind, why in skipped.items():

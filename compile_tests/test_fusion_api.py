@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import torch
 import torch._inductor.config as inductor_config
@@ -176,6 +177,30 @@ def test_stats_and_reset():
     fused_moe_ops.reset_fusion_stats()
     assert fused_moe_ops.fusion_stats()["rewrites"] == 0
     assert fused_moe_ops.fusion_stats()["by_pattern"] == {}
+
+
+def test_stats_count_what_inductor_replays_from_its_cache():
+    """A cache hit runs no pass: Inductor adds the counts the storing compile left in its counters.
+    fusion_stats() takes those as rewrites (from_cache), never twice, and keeps its own counts when
+    someone clears torch's counters. (A real hit in a fresh process: test_fusion_autotune.py.)"""
+    from torch._dynamo.utils import counters
+
+    _compile_seed()
+    key = "fused_moe_ops.rewrite.gather_mul_sum"
+    assert counters["inductor"][key] >= 1  # the compile left its count where Inductor caches it
+    compiled = fused_moe_ops.fusion_stats()
+    assert compiled["from_cache"] == 0
+    counters["inductor"] += Counter({key: 2, "fused_moe_ops.lowered.op": 2})  # what a hit of a 2-rewrite graph does
+    stats = fused_moe_ops.fusion_stats()
+    lowered = {"op": compiled["lowered"].get("op", 0) + 2}
+    assert stats == dict(stats, rewrites=3, by_pattern={"gather_mul_sum": 3}, lowered=lowered, from_cache=2), stats
+    assert fused_moe_ops.fusion_stats() == stats  # read twice, counted once
+    counters.clear()
+    _compile_seed(torch.bfloat16)
+    stats = fused_moe_ops.fusion_stats()
+    assert stats == dict(stats, rewrites=4, by_pattern={"gather_mul_sum": 4}, from_cache=2), stats
+    fused_moe_ops.reset_fusion_stats()
+    assert fused_moe_ops.fusion_stats() == dict(stats, rewrites=0, by_pattern={}, lowered={}, from_cache=0)
 
 
 def test_each_rewrite_is_logged_with_shapes():

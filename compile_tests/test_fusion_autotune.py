@@ -346,7 +346,7 @@ _CHILD = textwrap.dedent(r"""
     with ic.patch({"test_configs.force_custom_op_decomposition": {"1": True, "0": False}[sys.argv[2]]}):
         out = fn(x, idx, w, res)
     print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"],
-                      "rewrites": fused_moe_ops.fusion_stats()["rewrites"], "out": out.float().flatten().tolist()}))
+                      "stats": fused_moe_ops.fusion_stats(), "out": out.float().flatten().tolist()}))
 """)
 
 
@@ -366,7 +366,13 @@ def test_warm_fx_cache_gives_the_same_choice(tmp_path):
     other choice; with the same setting it is a hit and gives the same bits."""
     first = _child(tmp_path, "1")
     assert first["hit"] == 0
+    rewritten = {"gather_mul_sum": 1, "epilogue_add": 1}
+    assert first["stats"] == dict(first["stats"], rewrites=2, by_pattern=rewritten, from_cache=0), first["stats"]
+    assert len(first["stats"]["lowered"]) == 1 and first["stats"]["lowered"] != {"op": 1}, first["stats"]
     again = _child(tmp_path, "1")
     assert again["hit"] == 1 and again["out"] == first["out"]
+    # fusion_stats() of the process served from the cache says what the compile did, and where it came from.
+    assert again["stats"] == dict(first["stats"], from_cache=2), (first["stats"], again["stats"])
     other = _child(tmp_path, "0")
     assert other["hit"] == 0, "a graph compiled with the other choice was served from the cache"
+    assert other["stats"] == dict(first["stats"], lowered={"op": 1}), other["stats"]

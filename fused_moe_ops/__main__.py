@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -37,20 +36,6 @@ ENV_VARS = (
     "TORCH_CUDA_ARCH_LIST",
     "CXX",
 )
-
-
-def _nvcc_version(cuda_home: Optional[str]) -> Optional[str]:
-    if not cuda_home:
-        return None
-    nvcc = Path(cuda_home, "bin", "nvcc")
-    try:
-        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():  # "Cuda compilation tools, release 12.8, V12.8.93"
-        if "release" in line:
-            return line.split("release", 1)[1].strip()
-    return out.strip().splitlines()[-1] if out.strip() else None
 
 
 def _fusion_info() -> Dict[str, Any]:
@@ -114,7 +99,7 @@ def collect() -> Dict[str, Any]:
     import torch
 
     import fused_moe_ops
-    from fused_moe_ops import _registry, build as _build
+    from fused_moe_ops import _kernel_spec as spec, _registry, build as _build
 
     try:
         import triton
@@ -170,7 +155,7 @@ def collect() -> Dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
         "triton_error": triton_error,
-        "cuda_toolkit": {"home": cuda_home, "nvcc": _nvcc_version(cuda_home)},
+        "cuda_toolkit": {"home": cuda_home, "nvcc": spec.toolkit_cuda_version(cuda_home)},
         "cuda_device": device,
         "cpu_isa": _build.cpu_isa(),
         "cache": {"root": str(_build.cache_root()), "from_env": "FUSED_MOE_OPS_CACHE" in os.environ},
@@ -252,7 +237,8 @@ def render(info: Dict[str, Any]) -> str:
         stats = fu["stats"] or {}
         state = "enabled" if fu["enabled"] else "DISABLED (fused_moe_ops.disable_fusion() / enable_fusion())"
         add(f"Fusion pass     installed in torch._inductor.config.post_grad_custom_post_pass, {state}")
-        add(f"                rewrites in this process so far: {stats.get('rewrites', '?')}")
+        from_cache = f" ({stats['from_cache']} from Inductor's FX graph cache)" if stats.get("from_cache") else ""
+        add(f"                rewrites in this process so far: {stats.get('rewrites', '?')}{from_cache}")
     elif fu["available"]:
         why = ("FUSED_MOE_OPS_DISABLE_FUSION is set" if info["env"].get("FUSED_MOE_OPS_DISABLE_FUSION")
                else "the Inductor slot does not hold it")

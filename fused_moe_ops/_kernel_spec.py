@@ -50,18 +50,70 @@ def version_tuple(version):
     return tuple(parts)
 
 
-def cuda_include_paths():
-    """Headers that CUDA wheels of torch ship outside the toolkit (cusparse.h, cublas_v2.h, ...) in
-    the pip "nvidia-*" packages."""
+def toolkit_cuda_version(cuda_home):
+    """The CUDA version of the toolkit's nvcc ("13.0"), or None where it cannot be told."""
+    import json
+    import subprocess
     from pathlib import Path
 
-    paths = []
+    if not cuda_home:
+        return None
+    try:  # version.json: present since CUDA 11.1, cheaper than running nvcc
+        return json.loads(Path(cuda_home, "version.json").read_text())["cuda_nvcc"]["version"].rsplit(".", 1)[0]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        out = subprocess.run([str(Path(cuda_home, "bin", "nvcc")), "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():  # "Cuda compilation tools, release 12.8, V12.8.93"
+        if "release" in line:
+            return line.split("release", 1)[1].split(",")[0].strip()
+    return None
+
+
+def cuda_major_mismatch(cuda_home, torch_cuda):
+    """One line saying why the toolkit cannot build for this torch (their CUDA majors differ: the
+    library would link libcudart.so of another major), or None where they match or cannot be told."""
+    nvcc = toolkit_cuda_version(cuda_home)
+    if not nvcc or not torch_cuda or nvcc.split(".")[0] == str(torch_cuda).split(".")[0]:
+        return None
+    return (f"nvcc {nvcc} ({cuda_home}) and torch's CUDA {torch_cuda} differ in major version; "
+            f"set CUDA_HOME to a CUDA {str(torch_cuda).split('.')[0]} toolkit")
+
+
+# Headers of CUDA libraries the CUDA sources include beyond the CUDA runtime's: none today (the
+# kernel is written on torch's stable ABI, no ATen/cuda, so no cuBLAS / cuSPARSE). A toolkit
+# may lack such headers (a runtime-only install); CUDA wheels of torch ship them in the pip
+# "nvidia-*" packages, which cuda_pip_include_flags() then adds behind the toolkit's own.
+CUDA_LIBRARY_HEADERS = ()
+
+
+def cuda_pip_include_flags(cuda_home, headers=CUDA_LIBRARY_HEADERS):
+    """nvcc flags that search a pip "nvidia-*" include directory for the ``headers`` the toolkit
+    lacks, AFTER the toolkit's include directory; [] where the toolkit has them all.
+
+    Never ahead of it: the pip directory of a torch built for a newer CUDA minor (torch 2.15:
+    13.2) also carries cuda_runtime_api.h and CCCL of that release, which an older nvcc (13.0)
+    rejects ("CUDA compiler and CUDA toolkit headers are incompatible"). ``-I`` cannot order it
+    behind: torch's cpp_extension names the toolkit's include with ``-isystem``, and gcc drops a
+    ``-I`` of a directory that is also ``-isystem`` to the system position, behind every other
+    ``-I``. So the pip directory comes as ``-isystem`` too, in flags that follow torch's.
+    """
+    from pathlib import Path
+
+    toolkit = Path(cuda_home, "include") if cuda_home else None
+    missing = [h for h in headers if toolkit is None or not (toolkit / h).exists()]
+    if not missing:
+        return []
     try:
         import nvidia  # a namespace package
     except ImportError:
-        return paths
+        return []
+    flags = []
     for root in list(nvidia.__path__):
         for inc in sorted(Path(root).glob("*/include")):
-            if (inc / "cusparse.h").exists() or (inc / "cublas_v2.h").exists():
-                paths.append(str(inc))
-    return paths
+            if any((inc / h).exists() for h in missing):
+                flags += ["-isystem", str(inc)]
+    return flags

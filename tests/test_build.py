@@ -25,6 +25,10 @@ import torch
 import fused_moe_ops
 from fused_moe_ops import _registry, build as _build
 
+# One xdist worker runs this whole file, in order: its tests compare the shared build cache's files
+# before and after, and build into it.
+pytestmark = pytest.mark.xdist_group("build_cache")
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY_MODULES = ("torch._inductor", "torch._dynamo", "triton", "setuptools", "torch.utils.cpp_extension")
@@ -282,6 +286,86 @@ def test_cuda_library_targets_sm80_and_sm90_with_ptx(cuda_build):
         pytest.skip("TORCH_CUDA_ARCH_LIST overrides the default targets")
     # Machine code for A100-class and H100/H200, PTX so newer GPUs (Blackwell) JIT it.
     assert _build.fatbin_targets(info["library"]) == ["sm_80", "sm_90", "compute_90"]
+
+
+def test_cuda_build_searches_the_toolkits_headers_before_pips(cuda_build):
+    """nvcc must see its own toolkit's cuda_runtime_api.h and CCCL: those of a pip "nvidia-*"
+    package of a newer CUDA minor (torch 2.15's 13.2 beside nvcc 13.0) stop it with "CUDA compiler
+    and CUDA toolkit headers are incompatible". No pip include directory comes before the toolkit's."""
+    _, info = cuda_build
+    ninja = (Path(info["library"]).parent / "build.ninja").read_text()
+    cuda_cflags = next(line for line in ninja.splitlines() if line.startswith("cuda_cflags"))
+    toolkit = os.path.join(_build.find_cuda_home(), "include")
+    assert toolkit in cuda_cflags, cuda_cflags
+    before_toolkit = cuda_cflags[:cuda_cflags.index(toolkit)]
+    assert "site-packages/nvidia" not in before_toolkit, cuda_cflags
+
+
+def _nvidia_include_with(header: str):
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    return next((inc for root in nvidia.__path__ for inc in sorted(Path(root).glob("*/include"))
+                 if (inc / header).exists()), None)
+
+
+def test_pip_cuda_headers_only_for_what_the_toolkit_lacks(tmp_path):
+    from fused_moe_ops import _kernel_spec as spec
+
+    pip_inc = _nvidia_include_with("cublas_v2.h")
+    if pip_inc is None:
+        pytest.skip("no pip nvidia-* package with cublas_v2.h here")
+    toolkit = tmp_path / "cuda"
+    (toolkit / "include").mkdir(parents=True)
+    # The toolkit lacks cuBLAS: the pip directory is searched, as a system directory after torch's
+    # -isystem of the toolkit (a -I would be dropped behind every -I by gcc, or come first).
+    assert spec.cuda_pip_include_flags(str(toolkit), ("cublas_v2.h",)) == ["-isystem", str(pip_inc)]
+    # The toolkit has it: the pip packages are not searched at all.
+    (toolkit / "include" / "cublas_v2.h").write_text("")
+    assert spec.cuda_pip_include_flags(str(toolkit), ("cublas_v2.h",)) == []
+    # The kernel needs no header beyond the runtime's today: nothing from pip.
+    assert spec.cuda_pip_include_flags(str(toolkit)) == []
+
+
+MISMATCH_PROBE = """
+    import json, torch
+    torch.cuda.device_count = lambda: 1  # a GPU "visible": the import builds CUDA, Triton is the fallback
+    import fused_moe_ops
+    from fused_moe_ops import _registry, build as _build
+    from fused_moe_ops.__main__ import collect, render
+    r = _build.RESULTS["cuda"]
+    print(json.dumps({"skipped": r.skipped, "error": r.error, "active": _registry.ACTIVE["cuda"],
+                      "report": render(collect())}))
+"""
+
+
+def test_nvcc_of_another_cuda_major_is_named_and_triton_serves_cuda(tmp_path):
+    """A toolkit whose CUDA major differs from torch's cannot build a library torch can load (it links
+    libcudart.so of its own major): the build is skipped with one line naming both versions, the
+    report shows that line, and CUDA tensors get the Triton kernel."""
+    from fused_moe_ops import _kernel_spec as spec
+
+    if torch.version.cuda is None:
+        pytest.skip("torch is not a CUDA build")
+    other = f"{int(torch.version.cuda.split('.')[0]) - 1}.8"
+    toolkit = tmp_path / "cuda"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\nexit 1\n")  # must not run: the versions decide
+    (toolkit / "bin" / "nvcc").chmod(0o755)
+    (toolkit / "version.json").write_text(json.dumps({"cuda_nvcc": {"version": f"{other}.93"}}))
+    line = spec.cuda_major_mismatch(str(toolkit), torch.version.cuda)
+    assert line == (f"nvcc {other} ({toolkit}) and torch's CUDA {torch.version.cuda} differ in major version; "
+                    f"set CUDA_HOME to a CUDA {torch.version.cuda.split('.')[0]} toolkit")
+    # This process's build cache: the CPU kernel loads from it, no compile.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_MOE_OPS_") or k == "FUSED_MOE_OPS_CACHE"}
+    env.update(CUDA_HOME=str(toolkit), TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    info = _last_json(_python(MISMATCH_PROBE, cwd=str(ROOT), env=env))
+    assert info["skipped"] == line and info["error"] is None, info
+    assert info["active"] == "triton", info
+    assert "\n" not in info["skipped"]
+    assert f"skipped: {line}" in info["report"], info["report"]
 
 
 def test_cuda_not_built_on_import_without_gpu():

@@ -136,12 +136,8 @@ def find_cuda_home() -> Optional[str]:
     return None
 
 
-def cuda_include_paths() -> List[str]:
-    return spec.cuda_include_paths()
-
-
-def cuda_flags() -> List[str]:
-    return list(spec.CUDA_NVCC_FLAGS)
+def cuda_flags(cuda_home: Optional[str] = None) -> List[str]:
+    return list(spec.CUDA_NVCC_FLAGS) + spec.cuda_pip_include_flags(cuda_home or find_cuda_home())
 
 
 def _tag(kind: str, sources: List[Path], flags: List[str]) -> str:
@@ -411,11 +407,15 @@ def build_cuda(verbose: bool = False, on_import: bool = False) -> BuildResult:
         if cuda_home is None:
             result.skipped = (result.note + "; " if result.note else "") + "no CUDA toolkit (nvcc) found; set CUDA_HOME"
             return result
+        mismatch = spec.cuda_major_mismatch(cuda_home, torch.version.cuda)
+        if mismatch:
+            result.skipped = (result.note + "; " if result.note else "") + mismatch
+            return result
         _cpp_extension().CUDA_HOME = cuda_home
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH_LIST
         with _env(CUDA_HOME=cuda_home, TORCH_CUDA_ARCH_LIST=arch):
             sources = [csrc_dir() / s for s in spec.CUDA_SOURCES]
-            _jit("cuda", sources, list(spec.CUDA_CXX_FLAGS), cuda_flags(), cuda_include_paths(), result,
+            _jit("cuda", sources, list(spec.CUDA_CXX_FLAGS), cuda_flags(cuda_home), [], result,
                  _verbose(verbose))
     except Exception as e:  # noqa: BLE001
         result.ok = False

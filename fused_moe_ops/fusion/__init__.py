@@ -94,14 +94,14 @@ def fusion_enabled() -> bool:
 
 
 def fusion_stats() -> Dict[str, Any]:
-    """Rewrites done by this process: ``{"rewrites": total, "by_pattern": {name: count},
-    "lowered": {choice: count}, "enabled": bool}``.
+    """The rewrites in the graphs this process compiled: ``{"rewrites": total, "by_pattern": {name:
+    count}, "lowered": {choice: count}, "from_cache": n, "enabled": bool}``.
 
     ``lowered`` says how Inductor lowered the rewritten combines where it chooses (fusion/autotune.py):
     ``"op"`` (our kernel) or the decomposition it inlined as its own code (``"reduction"``,
     ``"unrolled"``); empty where torch has no custom-op autotuning (there every rewrite keeps the op).
-    Counted when the pass runs, i.e. on an actual compile: a compile served from Inductor's FX graph
-    cache does not run the pass again and does not count.
+    A graph served from Inductor's FX graph cache runs no pass, but counts all the same, as the compile
+    that stored it did; ``from_cache`` says how many of ``rewrites`` came that way.
     """
     return _state.stats()
 
