@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# One worker runs the module (pytest-xdist): its module fixture starts the 2- and 4-rank process groups once.
+pytestmark = pytest.mark.xdist_group("expert_parallel")
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "_expert_parallel_worker.py"
 SCHEMES = ("allreduce", "alltoall")

@@ -20,6 +20,9 @@ import torch
 
 from _moe_testlib import BAD_CALLS, active_cpu, call_op, call_reference, capture_error
 
+# One worker runs the module (pytest-xdist): its module fixture runs the fallback subprocess once.
+pytestmark = pytest.mark.xdist_group("fallback")
+
 TESTS_DIR = Path(__file__).resolve().parent
 
 FALLBACK_SCRIPT = textwrap.dedent(r"""

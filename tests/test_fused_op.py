@@ -368,6 +368,7 @@ def _triton_verdicts():
     return _TRITON_VERDICTS
 
 
+@pytest.mark.xdist_group("fused_op_triton")  # one worker: the interpreter subprocess runs once
 @pytest.mark.parametrize("name", TRITON_CASES)
 def test_fused_triton_interpreter(name):
     pytest.importorskip("triton")

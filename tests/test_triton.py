@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+# One worker runs the module (pytest-xdist): its module fixture runs the interpreter worker once.
+pytestmark = pytest.mark.xdist_group("triton_interpreter")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 DT = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
