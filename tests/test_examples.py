@@ -125,10 +125,11 @@ def _readme_block(after: str, lang: str) -> str:
     raise AssertionError(f"README.md has no ```{lang} block after {after!r}")
 
 
-def test_readme_usage_prints_what_the_readme_says(tmp_path):
-    """The README's usage example, run as a user pastes it: its output is the one the README shows."""
-    code, shown = _readme_block("## Usage", "python"), _readme_block("## Usage", "")
-    script = tmp_path / "usage.py"
+def _assert_readme_block_prints_what_the_readme_says(section: str, tmp_path) -> None:
+    """The README's python block after ``section``, run as a user pastes it: its output is the plain
+    block the README shows after it."""
+    code, shown = _readme_block(section, "python"), _readme_block(section, "")
+    script = tmp_path / "readme_block.py"
     script.write_text(code)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if not HAS_CUDA:
@@ -137,6 +138,10 @@ def test_readme_usage_prints_what_the_readme_says(tmp_path):
                           cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout == shown, f"README shows:\n{shown}\nthe code printed:\n{proc.stdout}"
+
+
+def test_readme_usage_prints_what_the_readme_says(tmp_path):
+    _assert_readme_block_prints_what_the_readme_says("## Usage", tmp_path)
 
 
 TINY_HF = ["--tokens", "24", "--hidden", "64", "--experts", "8", "--topk", "2", "--layers", "2", "--iters", "1"]
@@ -156,14 +161,4 @@ def test_hf_experts(dtype):
 
 def test_readme_hf_section_prints_what_the_readme_says(tmp_path):
     pytest.importorskip("transformers", minversion="5.7")
-    section = "## Use it from HF transformers"
-    code, shown = _readme_block(section, "python"), _readme_block(section, "")
-    script = tmp_path / "hf.py"
-    script.write_text(code)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    if not HAS_CUDA:
-        env.setdefault("FUSED_MOE_OPS_NO_CUDA", "1")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout == shown, f"README shows:\n{shown}\nthe code printed:\n{proc.stdout}"
+    _assert_readme_block_prints_what_the_readme_says("## Use it from HF transformers", tmp_path)
