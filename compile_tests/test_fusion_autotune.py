@@ -31,6 +31,9 @@ from fusion_cases import FUSED_CALL, REWRITTEN, check_accuracy, generated_kernel
 
 pytestmark = pytest.mark.skipif(autotune.available() is not None, reason=str(autotune.available()))
 
+# Inductor's choices are timed and its caches read here: an empty Inductor cache per test
+# (conftest.py, _fresh_compile_state), not the kernel cache the other modules share.
+FRESH_INDUCTOR_CACHE = True
 OP = torch.ops.moe._shuffle_mul_sum_fused.default
 _ROUND = {code: dt for dt, code in FACTOR_ROUND.items() if dt is not None}
 

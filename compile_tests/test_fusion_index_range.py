@@ -20,6 +20,9 @@ from fused_moe_ops.ops import NEGATIVE_IS_ERROR, SKIP_NEGATIVE, WRAP_NEGATIVE
 from fusion_cases import _TOL
 
 needs_inliner = pytest.mark.skipif(autotune.available() is not None, reason="torch without custom-op autotuning")
+# Inductor's choices are timed and its caches read here: an empty Inductor cache per test
+# (conftest.py, _fresh_compile_state), not the kernel cache the other modules share.
+FRESH_INDUCTOR_CACHE = True
 LOWERINGS = [pytest.param(c, id=f"forced-{c}") for c in autotune.LOWERINGS] + [pytest.param(None, id="inductor-chooses")]
 
 
