@@ -5,7 +5,6 @@ Helpers shared by the test modules live in fusion_cases.py (imported as ``from f
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -25,15 +24,10 @@ def _shared_kernel_cache_dir(tmp_path_factory):
     running g++ again (most of this directory's time on a 2-core machine). The caches that could
     skip the pass are off in each test (``_fresh_compile_state``)."""
     path = tmp_path_factory.mktemp("inductor_kernels")
-    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
-    yield path
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(path))
+        env.setenv("TRITON_CACHE_DIR", str(path / "triton"))
+        yield path
 
 
 @contextlib.contextmanager
