@@ -116,6 +116,9 @@ def parse_args(argv=None):
     g.add_argument("--model-experts", type=int, default=8, help="TinyMoE experts")
     g.add_argument("--model-topk", type=int, default=2, help="TinyMoE top-k")
     g.add_argument("--model-static", action="store_true", help="compile per token count instead of once with it dynamic")
+    g.add_argument("--model-fresh-cache", action="store_true",
+                   help="compile each variant in an empty Inductor cache, as a user's first compile (nothing "
+                        "from an earlier compile: kernels, autotuning choices); slower to compile")
     g.add_argument("--model-layout", choices=("sequence", "batch"), default="sequence",
                    help="HF models: 'sequence' = one sequence of M tokens (a prefill), 'batch' = M sequences of one "
                         "token (attention trivial)")

@@ -120,6 +120,15 @@ def _first_call(fn, x):
     return out, codes
 
 
+def _inductor_cache(fresh: bool):
+    """An empty Inductor cache for the compile inside (a user's first compile), or the one in use."""
+    if not fresh:
+        return contextlib.nullcontext()
+    from torch._inductor import utils as inductor_utils
+
+    return (getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache)()
+
+
 def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
@@ -135,6 +144,7 @@ def bench_model_case(name: str, forward: Callable, make_input: Callable[[int, in
     if fusion_api_reason() is None:
         variants.append(("with_pass", contextlib.nullcontext))
     static = bool(getattr(args, "model_static", False))
+    fresh_cache = bool(getattr(args, "model_fresh_cache", False))
     fullgraph = bool(getattr(args, "model_fullgraph", True))
     torch._dynamo.reset()
     fns: Dict[str, Optional[Callable]] = {v: None for v, _ in variants}
@@ -142,7 +152,8 @@ def bench_model_case(name: str, forward: Callable, make_input: Callable[[int, in
     rows = []
     for m in sorted(ms, reverse=True):  # the largest first: a dynamic compile traced at 1 would specialise on 1
         r: Dict[str, object] = {"mode": "model", "model": name, "M": m, "dtype": str(dtype).replace("torch.", ""),
-                                "device": device, "compile": "static" if static else "dynamic tokens", **desc}
+                                "device": device, "compile": "static" if static else "dynamic tokens",
+                                "inductor_cache": "empty per compile" if fresh_cache else "shared", **desc}
         if fusion_api_reason():
             r["with_pass_skipped"] = fusion_api_reason()
         rows.append(r)
@@ -163,10 +174,11 @@ def bench_model_case(name: str, forward: Callable, make_input: Callable[[int, in
                         if fns[v] is None or static:
                             fns[v] = compile_fresh(forward, with_pass=v == "with_pass", fullgraph=fullgraph,
                                                    dynamic=False if static else None)
-                        t0 = time.perf_counter()
-                        out, codes = _first_call(fns[v], xs[0])
-                        sync(device)
-                        r[f"{v}_first_call_s"] = time.perf_counter() - t0
+                        with _inductor_cache(fresh_cache):
+                            t0 = time.perf_counter()
+                            out, codes = _first_call(fns[v], xs[0])
+                            sync(device)
+                            r[f"{v}_first_call_s"] = time.perf_counter() - t0
                         outs[v] = out.float()
                         after, after_by = fusion_rewrites(), fusion_rewrites_by_pattern()
                     r[f"{v}_compiled_here"] = bool(codes)

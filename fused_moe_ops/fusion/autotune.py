@@ -332,7 +332,9 @@ def _choose(named: dict):
     # of torch.compile would see for each combine: quiet unless asked for through its own variable.
     quiet = ({} if "TORCHINDUCTOR_MAX_AUTOTUNE_REPORT_CHOICES_STATS" in os.environ
              else {"max_autotune_report_choices_stats": False})
-    with _prefer_decomposition(_preference), inductor_config.patch(quiet):
+    order = policy.choice_order(device.type, m, topk, k, dtype)
+    tolerance = policy.choice_tolerance(device.type)
+    with _steady_pick(_preference, order, tolerance), _benchmark_code_unsaved(), inductor_config.patch(quiet):
         result, choice = autotune_custom_op(
             name="moe_shuffle_mul_sum_fused", decompositions=decomps, inputs=tensors,
             non_tensor_args=[dict(scalars) for _ in decomps], op_overload=_bench_op(),
@@ -389,34 +391,90 @@ def _inline(named: dict, choice: str, why: str):
 
 
 @contextlib.contextmanager
-def _prefer_decomposition(preference: float):
-    """Inside: Inductor's pick among the benchmarked choices takes the fastest decomposition when it
-    is within ``preference`` x the op's time (Inductor's own threshold only ever favours the op)."""
+def _steady_pick(preference: float, order: tuple, tolerance: float):
+    """Inside: Inductor's pick among the benchmarked choices (``_pick``), in place of its own (the
+    fastest, with a threshold that only ever favours the op)."""
     from torch._inductor.virtualized import V
 
     outer = V.choices
-    if preference == 1.0 or not hasattr(outer, "override_best_choice"):
+    if not hasattr(outer, "override_best_choice"):
         yield
         return
 
-    class _Preferring:
+    class _Steady:
         """Delegates to the handler in place (Inductor's or the user's); only the pick changes."""
 
         def __getattr__(self, name):
             return getattr(outer, name)
 
         def override_best_choice(self, best_choice, timings):
-            from torch._inductor.select_algorithm import ExternKernelCaller
-
-            ops = [t for c, t in timings.items() if isinstance(c, ExternKernelCaller)]
-            decomps = {c: t for c, t in timings.items() if not isinstance(c, ExternKernelCaller)}
-            if ops and decomps and isinstance(best_choice, ExternKernelCaller):
-                fastest = min(decomps, key=decomps.__getitem__)
-                if decomps[fastest] <= preference * min(ops):
-                    log.debug("fused_moe_ops: %s (%.3g) within %.3g x the op (%.3g): taken", fastest.name,
-                              decomps[fastest], preference, min(ops))
-                    best_choice = fastest
+            best_choice = _pick(best_choice, timings, preference, order, tolerance)
             return outer.override_best_choice(best_choice, timings)
 
-    with V.set_choices_handler(_Preferring()):
+    with V.set_choices_handler(_Steady()):
         yield
+
+
+def _choice_name(choice) -> str:
+    """"op" for the op's kernel (Inductor's extern call of the twin), else the DECOMPOSITIONS key."""
+    from torch._inductor.select_algorithm import ExternKernelCaller
+
+    return "op" if isinstance(choice, ExternKernelCaller) else _decomposition_name(choice)
+
+
+def _pick(best_choice, timings: dict, preference: float, order: tuple, tolerance: float):
+    """The choice to keep: the first in ``order`` whose time is within ``1 + tolerance`` of the
+    fastest, where the op's time counts ``preference`` times (a decomposition is taken over the op when
+    it is at most ``preference x`` the op's time). Two lowerings within the benchmark's noise of each
+    other would otherwise be picked by the noise: a cold compile on a busy machine flipped between
+    them from one compile to the next. ``order`` puts first the lowering that is no slower in the
+    model where the two time alike alone (policy.choice_order)."""
+    scaled = {c: t * preference if _choice_name(c) == "op" else t for c, t in timings.items()}
+    finite = {c: t for c, t in scaled.items() if t == t and t != float("inf")}
+    if not finite:
+        return best_choice
+    fastest = min(finite.values())
+    rank = {name: i for i, name in enumerate(order)}
+    within = [c for c, t in finite.items() if t <= fastest * (1.0 + tolerance)]
+    chosen = min(within, key=lambda c: (rank.get(_choice_name(c), len(order)), finite[c]))
+    log.debug("fused_moe_ops: benchmark %s; within %.0f%% of the fastest: %s; kept %s",
+              ", ".join(f"{_choice_name(c)} {t * 1e3:.3g} us" for c, t in timings.items()), tolerance * 100,
+              ", ".join(_choice_name(c) for c in within), _choice_name(chosen))
+    return chosen
+
+
+@contextlib.contextmanager
+def _benchmark_code_unsaved():
+    """Inside: the modules Inductor compiles only to time the choices (graphs named ``benchmark_*``)
+    stay out of the output code that ``torch._inductor.utils.run_and_get_code`` collects and
+    ``TORCH_LOGS=output_code`` prints. They never run in the model; shown, a compile with an empty
+    autotuning cache looked like it launches one more kernel per decomposition than a compile whose
+    cache held the choice, for the same model code."""
+    from torch._inductor.codecache import output_code_log
+    from torch._inductor.graph import GraphLowering
+    from torch._inductor.virtualized import V
+
+    def benchmarking() -> bool:
+        return str(getattr(V.graph, "name", None) or "").startswith("benchmark_")
+
+    raw = GraphLowering.__dict__.get("save_output_code")
+    saver = GraphLowering.save_output_code
+
+    def save(code: str) -> None:
+        if not benchmarking():
+            saver(code)
+
+    class _NotBenchmarkCode(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not benchmarking()
+
+    quiet = _NotBenchmarkCode()
+    if saver is not None:
+        GraphLowering.save_output_code = save
+    output_code_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        output_code_log.removeFilter(quiet)
+        if saver is not None and GraphLowering.__dict__.get("save_output_code") is save:
+            GraphLowering.save_output_code = raw

@@ -71,3 +71,29 @@ def should_autotune(device_type: str, m: int, topk: int, k: int, dtype: torch.dt
     measured size, and it is what those paths ran before. A symbolic size: ``symbolic_size_choice``.
     Its source is part of the pass's cache key."""
     return True
+
+
+def choice_order(device_type: str, m: int, topk: int, k: int, dtype: torch.dtype) -> tuple:
+    """Which lowering Inductor keeps among those whose benchmarked times tie (within
+    ``choice_tolerance``): the first of this order. Names: ``"unrolled"``, ``"reduction"``, ``"op"``.
+
+    The decompositions before the op: inlined, they launch what Inductor's own graph launches (they
+    fuse with the un-permute before the combine and the residual add and RMSNorm after it), where the
+    op is a kernel of its own. ``unrolled`` before ``reduction``: pointwise, it fuses into the
+    RMSNorm's reduction where ``reduction`` is a reduction over topk of its own, and in the model it
+    was never slower (docs/BENCHMARKS.md, the cold-compile run). Its source is part of the pass's
+    cache key."""
+    return ("unrolled", "reduction", "op")
+
+
+# How far apart two benchmarked lowerings must be for the benchmark to decide between them; nearer,
+# choice_order decides. CPU: four cold compiles of one combine (bf16, K 256) measured each lowering
+# within 3% of itself, and at the sizes where two lowerings tie (topk 2, 16 tokens: 2.13 to 2.18 us
+# both) their order flipped from compile to compile (docs/BENCHMARKS.md, the cold-compile run); 10%
+# leaves room for a busier machine. CUDA: timed in a CUDA graph, steadier; not measured on a GPU yet.
+CHOICE_TOLERANCE = {"cpu": 0.10, "cuda": 0.05}
+
+
+def choice_tolerance(device_type: str) -> float:
+    """The fraction within which two benchmarked lowerings count as tied (``CHOICE_TOLERANCE``)."""
+    return CHOICE_TOLERANCE.get(device_type, CHOICE_TOLERANCE["cuda"])

@@ -1,0 +1,181 @@
+"""A user's first compile: HF MoE models compiled in an empty Inductor cache, with Inductor choosing
+between the op and its own code (fusion/autotune.py), as ``torch.compile(model)`` does by default.
+
+* The output code a user collects (``torch._inductor.utils.run_and_get_code``) launches no more
+  kernels with the pass than without it, and is the code of a second compile whose cache holds the
+  choice (same lowerings, same kernels): the modules Inductor compiles only to time the choices are
+  not part of it.
+* With the autotuning cache off every combine of the model is benchmarked on its own: all of them
+  are lowered the same way (the pick between lowerings that time alike is policy.choice_order's,
+  not the noise's).
+* The pick itself (``autotune._pick``) on given timings: ties within the tolerance go by the order,
+  a clear winner wins, the op's time counts ``preference`` times.
+
+Each compile here starts from an empty cache (``FRESH_INDUCTOR_CACHE``; the other modules share
+compiled kernels, which hid what a first compile does).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+from torch._inductor.utils import fresh_cache, run_and_get_code
+
+import fused_moe_ops
+from fused_moe_ops.bench.hf_models import build_hf_model, transformers_unavailable_reason
+from fused_moe_ops.bench.models import count_launches
+from fused_moe_ops.fusion import autotune, policy
+
+pytestmark = [
+    pytest.mark.skipif(autotune.available() is not None, reason=str(autotune.available())),
+    pytest.mark.skipif(transformers_unavailable_reason() is not None, reason=str(transformers_unavailable_reason())),
+]
+
+# conftest.py, _fresh_compile_state: an empty Inductor cache per test.
+FRESH_INDUCTOR_CACHE = True
+
+
+@pytest.fixture(autouse=True)
+def _inductor_chooses():
+    """Inductor's choice on, as a user gets it (conftest.py turns it off for the graph tests)."""
+    previous = fused_moe_ops.fusion.set_autotune(True)
+    try:
+        yield
+    finally:
+        fused_moe_ops.fusion.set_autotune(previous)
+
+
+def _lowered() -> dict:
+    return dict(fused_moe_ops.fusion_stats().get("lowered", {}))
+
+
+def _compile(forward, x, fusion: bool = True):
+    """(output, every module run_and_get_code returns, the lowerings this compile chose)."""
+    before = _lowered()
+    off = contextlib.nullcontext() if fusion else fused_moe_ops.disable_fusion()
+    with torch.inference_mode(), off:
+        out, codes = run_and_get_code(torch.compile(forward, fullgraph=True), x)
+    lowered = {k: n - before.get(k, 0) for k, n in _lowered().items() if n != before.get(k, 0)}
+    return out, codes, lowered
+
+
+def _launches(codes) -> int:
+    counted = count_launches(codes)
+    return counted["generated"] + counted["extern"]
+
+
+def _normalised(codes) -> list:
+    """The modules without what differs between two compiles of one graph: the compile's number
+    (``# AOT ID``) and the paths and hashes of the kernel files."""
+    return [re.sub(r"/\S+\.(?:py|so|cpp)|\b[a-z0-9]{40,}\b", "<file>", re.sub(r"(?m)^# AOT ID: .*$", "", code))
+            for code in codes]
+
+
+def _first_difference(a: str, b: str) -> str:
+    import difflib
+
+    return "\n".join(list(difflib.unified_diff(a.splitlines(), b.splitlines(), lineterm="", n=1))[:40])
+
+
+# Decode sizes, where a launch more is what the pass exists to remove. The fast set: top-8 at one
+# token and the top-2 model at 16 tokens (there the two decompositions time alike); the slow set the rest.
+MODELS = ("qwen3_moe", "mixtral", "deepseek_v3")
+FAST = {("qwen3_moe", 1), ("mixtral", 16)}
+CASES = [pytest.param(name, m, id=f"{name}-{m}tok",
+                      marks=() if (name, m) in FAST else pytest.mark.slow)
+         for name in MODELS for m in (1, 16)]
+
+
+@pytest.mark.parametrize("name, m", CASES)
+def test_first_compile_launches_what_a_warm_compile_does_and_no_more_than_inductor(name, m):
+    forward, make_input, _, _ = build_hf_model(name, "cpu", torch.bfloat16)
+    x = make_input(m)
+    with torch.inference_mode():
+        eager = forward(x).float()
+    with fresh_cache():
+        plain, plain_codes, _ = _compile(forward, x, fusion=False)
+    with fresh_cache():
+        cold, cold_codes, cold_lowered = _compile(forward, x)
+        # The same model again, the choices now in the autotuning cache (the FX graph cache off, so
+        # the pass and the lowering run again rather than the graph being served whole).
+        with inductor_config.patch(fx_graph_cache=False):
+            warm, warm_codes, warm_lowered = _compile(forward, x)
+    assert sum(cold_lowered.values()) >= 2, f"not every combine was rewritten and lowered: {cold_lowered}"
+    assert cold_lowered == warm_lowered, (cold_lowered, warm_lowered)
+    assert len(cold_codes) == len(warm_codes) == len(plain_codes) == 1, \
+        "a compile's output code holds modules that do not run in the model"
+    (cold_code,), (warm_code,) = _normalised(cold_codes), _normalised(warm_codes)
+    assert cold_code == warm_code, "the first compile's code is not the warm compile's:\n" + _first_difference(
+        cold_code, warm_code)
+    assert _launches(cold_codes) <= _launches(plain_codes), (
+        f"with the pass {count_launches(cold_codes)}, without {count_launches(plain_codes)} ({cold_lowered})")
+    assert torch.equal(cold, warm)
+    tol = 3e-2 * max(1.0, float(eager.abs().max()))
+    assert float((cold.float() - eager).abs().max()) <= tol
+    assert float((cold.float() - plain.float()).abs().max()) <= tol
+
+
+def test_every_combine_lowered_alike_when_each_is_benchmarked_alone():
+    """Mixtral (top-2) at 16 tokens: the unrolled and reduction decompositions time alike, and a cold
+    compile picked one for one layer and the other for the next. With the autotuning cache off each
+    layer's combine is benchmarked on its own; the pick must still be the same for both."""
+    forward, make_input, _, _ = build_hf_model("mixtral", "cpu", torch.bfloat16)
+    x = make_input(16)
+    with fresh_cache(), inductor_config.patch(autotune_local_cache=False):
+        _, codes, lowered = _compile(forward, x)
+    assert len(lowered) == 1 and sum(lowered.values()) == 2, lowered
+    assert len(codes) == 1
+
+
+# ---------------------------------------------------------------- the pick on given timings
+
+
+class _Choice:
+    """A benchmarked choice as _pick sees it: a decomposition (its name holds the function's)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _op_choice():
+    from torch._inductor.select_algorithm import ExternKernelCaller
+
+    op = object.__new__(ExternKernelCaller)
+    op.name = "moe_shuffle_mul_sum_fused_fallback"
+    return op
+
+
+UNROLLED, REDUCTION = _Choice("combine_unrolled_0"), _Choice("combine_reduction_1")
+ORDER = ("unrolled", "reduction", "op")
+
+
+@pytest.mark.parametrize("times, expected", [
+    pytest.param({UNROLLED: 1.10, REDUCTION: 1.00}, "unrolled", id="tie-goes-by-order"),
+    pytest.param({UNROLLED: 1.30, REDUCTION: 1.00}, "reduction", id="beyond-tolerance-the-fastest"),
+    pytest.param({UNROLLED: 1.00, REDUCTION: 1.20, "op": 1.15}, "unrolled", id="order-first-is-fastest"),
+    pytest.param({UNROLLED: 5.00, REDUCTION: 4.00, "op": 1.00}, "op", id="op-clearly-fastest"),
+    pytest.param({UNROLLED: 1.15, REDUCTION: 3.00, "op": 1.00}, "unrolled", id="decomposition-ties-the-op"),
+    pytest.param({UNROLLED: float("inf"), REDUCTION: 2.00, "op": 1.90}, "reduction", id="failed-benchmark-skipped"),
+    pytest.param({UNROLLED: float("nan"), "op": 1.00}, "op", id="nan-benchmark-skipped"),
+])
+def test_pick_ties_go_by_the_order(times, expected):
+    op = _op_choice()
+    timings = {(op if c == "op" else c): t for c, t in times.items()}
+    best = min(timings, key=lambda c: timings[c] if timings[c] == timings[c] else float("inf"))
+    chosen = autotune._pick(best, timings, 1.0, ORDER, 0.2)
+    assert autotune._choice_name(chosen) == expected
+
+
+def test_pick_counts_the_op_preference_times():
+    op = _op_choice()
+    timings = {UNROLLED: 2.9, op: 1.0}
+    assert autotune._choice_name(autotune._pick(op, timings, 1.0, ORDER, 0.2)) == "op"
+    assert autotune._choice_name(autotune._pick(op, timings, 3.0, ORDER, 0.2)) == "unrolled"
+
+
+def test_cpu_order_and_tolerance():
+    assert policy.choice_order("cpu", 16, 2, 256, torch.bfloat16)[-1] == "op"
+    assert 0 < policy.choice_tolerance("cpu") < 1 and 0 < policy.choice_tolerance("cuda") <= policy.choice_tolerance("cpu")
