@@ -72,6 +72,7 @@ class ShuffleMulSumFusionPass(CustomGraphPass):
         self.matched_count = 0
         if not _state.enabled():
             return
+        realize_inputs_as_inductor_will()
         self.matched_count = self._get_patterns().apply(graph)
         if self.matched_count:  # then the consumers of what was rewritten (a scale, an add)
             from .autotune import ensure_registered
@@ -88,6 +89,26 @@ class ShuffleMulSumFusionPass(CustomGraphPass):
 
     def __repr__(self) -> str:
         return f"<fused_moe_ops fusion pass ({'enabled' if _state.enabled() else 'disabled'})>"
+
+
+def realize_inputs_as_inductor_will() -> None:
+    """Put the ops in Inductor's ``needs_realized_inputs`` before the graph is lowered.
+
+    Inductor registers a custom op's fallback, and with it puts the op in that set, the first time it
+    lowers the op: a node read by several users, one of them such an op, is then realized once instead
+    of being computed inside each reader. In a process's first compile the nodes lowered before the
+    op's first lowering (the residual add that feeds both the next RMSNorm and the combine's addend)
+    miss that, so the first compile's kernels differed from every later compile's, with the same
+    graph, the same choices and an empty Inductor cache each time. Done here, before any lowering,
+    the first compile is what the later ones are."""
+    from torch._inductor import lowering
+
+    needs_realized = getattr(lowering, "needs_realized_inputs", None)
+    if needs_realized is None:  # a torch without the set: nothing differs between compiles
+        return
+    for op in (torch.ops.moe._shuffle_mul_sum_fused.default, torch.ops.moe.shuffle_mul_sum.default):
+        if op not in needs_realized:
+            needs_realized.add(op)
 
 
 FUSION_PASS = ShuffleMulSumFusionPass()
