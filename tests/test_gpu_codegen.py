@@ -311,3 +311,45 @@ def test_the_table_in_benchmarks_md_covers_every_arch_kernel_and_config():
         assert len(cuda_names) == 18 * len(report.CUDA_THREADS), (arch, cuda_names)
         configs = {r.name for r in rows if r.kernel == "triton" and r.arch == f"sm_{arch}"}
         assert len(configs) == 3 * len(GPU_CONFIGS), (arch, configs)
+
+
+def test_gpu_compare_command_on_a_fake_gpu_report(monkeypatch, tmp_path, capsys):
+    """`python -m fused_moe_ops.codegen --gpu-compare FILE` (what scripts/gpu_check.sh runs on a GPU)
+    with the driver's report replaced by a fake: exit 0 when it matches the table, 1 and each
+    difference printed (and in --json) when it does not."""
+    from fused_moe_ops.codegen import __main__ as cli, gpu
+
+    doc = ROOT / "docs" / "BENCHMARKS.md"
+    row = next(r for r in report.parse_markdown(doc.read_text()) if r.kernel == "cuda" and r.arch == "sm_90")
+    same = dict(kernel="cuda", arch="sm_90", name=row.name, threads=row.threads, registers=row.registers,
+                spills=row.spills, shared=row.shared, blocks=row.blocks)
+    monkeypatch.setattr(gpu, "observe", lambda cuda_home: [same])
+    assert cli.main(["--gpu-compare", str(doc)]) == 0
+    monkeypatch.setattr(gpu, "observe", lambda cuda_home: [dict(same, registers=row.registers + 8)])
+    out = tmp_path / "codegen_gpu.json"
+    assert cli.main(["--gpu-compare", str(doc), "--json", str(out)]) == 1
+    assert f"registers {row.registers + 8} on the GPU, {row.registers} in the table" in capsys.readouterr().out
+    import json
+
+    assert len(json.loads(out.read_text())["differences"]) == 1
+
+
+def test_gpu_check_script_runs_the_comparison():
+    import shutil
+    import subprocess
+
+    script = ROOT / "scripts" / "gpu_check.sh"
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "-m fused_moe_ops.codegen --gpu-compare \"$ROOT/docs/BENCHMARKS.md\"" in text
+    assert ",codegen," in text.split("STEPS_WANTED=", 1)[1].splitlines()[0]
+
+
+def test_library_image_per_arch():
+    """sm_80 / sm_90 run the library's cubins; a newer GPU the driver's JIT of its newest PTX."""
+    from fused_moe_ops import _kernel_spec as spec
+
+    assert spec.DEFAULT_CUDA_ARCH_LIST == "8.0;9.0+PTX"
+    assert cuda.library_image_arch(80) == (80, 80) and cuda.library_image_arch(90) == (90, 90)
+    assert cuda.library_image_arch(100) == (None, 90) and cuda.library_image_arch(120) == (None, 90)

@@ -7,7 +7,6 @@ memory (ptxas -v).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
 import tempfile
