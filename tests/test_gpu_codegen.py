@@ -57,9 +57,28 @@ def triton_available():
         _need(f"triton is not importable: {e}")
 
 
-@pytest.fixture(scope="module")
-def cuda_images(cuda_home):
-    """arch -> (instantiations, PTX text) as the library runs them there; compiled in parallel."""
+def _once_per_run(tmp_path_factory, name, compute):
+    """compute() once per test run: under pytest-xdist the workers running this module's tests share
+    the result through a file (the first computes it under a lock, the others wait and load it), so
+    the kernels compile once however the tests are spread over the workers."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        return compute()
+    import pickle
+
+    from fused_moe_ops.build import build_lock
+
+    directory = tmp_path_factory.getbasetemp().parent / f"gpu_codegen_{run}"
+    with build_lock(directory):
+        path = directory / f"{name}.pickle"
+        if path.exists():
+            return pickle.loads(path.read_bytes())
+        value = compute()
+        path.write_bytes(pickle.dumps(value))
+        return value
+
+
+def _compile_cuda_images(cuda_home):
     from concurrent.futures import ProcessPoolExecutor
 
     ptx_archs = [cuda.library_image_arch(a)[1] for a in ARCHS]
@@ -69,8 +88,14 @@ def cuda_images(cuda_home):
 
 
 @pytest.fixture(scope="module")
-def triton_compiled(triton_available):
-    return report.triton_compiled()
+def cuda_images(cuda_home, tmp_path_factory):
+    """arch -> (instantiations, PTX text) as the library runs them there; compiled in parallel."""
+    return _once_per_run(tmp_path_factory, "cuda_images", lambda: _compile_cuda_images(cuda_home))
+
+
+@pytest.fixture(scope="module")
+def triton_compiled(triton_available, tmp_path_factory):
+    return _once_per_run(tmp_path_factory, "triton_compiled", report.triton_compiled)
 
 
 # --- the CUDA kernel --------------------------------------------------------------------------------
