@@ -62,6 +62,9 @@ def kernel():
 
     if triton_kernel.triton is None:
         raise RuntimeError(f"triton is not importable: {triton_kernel._IMPORT_ERROR}")
+    if triton_kernel.INTERPRET:  # @triton.jit then gives the CPU interpreter's function: nothing to compile
+        raise RuntimeError("fused_moe_ops.triton_kernel was imported with TRITON_INTERPRET=1; compile in a "
+                           "process without it")
     return triton_kernel._shuffle_mul_sum_kernel.fn
 
 
