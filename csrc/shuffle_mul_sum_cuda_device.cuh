@@ -8,8 +8,9 @@
 // nothing here that needs the CUDA runtime or torch's library (shuffle_mul_sum.h is included first:
 // Half, BFloat16, the option enums, round_factor).
 //
-// The PLANT_* switches exist for the emulator's own tests (tests/test_cuda_emulated.py): each puts
-// back one bug the emulator must catch. Nothing defines them in a real build.
+// The PLANT_* switches exist for the emulator's own tests (tests/test_cuda_emulated.py) and the
+// machine-code tests (tests/test_gpu_codegen.py): each puts back one bug the emulator or the
+// machine-code check must catch. Nothing defines them in a real build.
 #pragma once
 
 #include <algorithm>
@@ -34,10 +35,18 @@ constexpr int kMaxThreads = 128;
 constexpr int kChunk = 256;
 constexpr int kPad = 4;  // slack after the staged slots for reads the compiler vectorises
 
+// alignas: what lets nvcc read and write a Pack with one 16-byte access (ld.global.v4).
+#if defined(PLANT_PACK_UNALIGNED)  // the alignment dropped: nvcc splits every row load
+template <typename T, int N>
+struct Pack {
+  T v[N];
+};
+#else
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
+#endif
 
 enum FloatKind : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 

@@ -12,6 +12,9 @@
 #              scripts/wheels/ when missing: nothing else is installed, the package runs from the checkout)
 #   build      python -m fused_moe_ops.build --verbose (JIT build of the CPU + CUDA kernels), then
 #   backends   python -m fused_moe_ops (which kernel serves CUDA, and why)
+#   codegen    python -m fused_moe_ops.codegen --gpu-compare docs/BENCHMARKS.md: the machine-code
+#              table (registers, spills, shared memory, blocks per SM, compiled without a GPU) against
+#              what this GPU's driver reports for the same images; fails on a difference
 #   tests      in parallel (GPU_CHECK_JOBS processes, default 4), each job under its own timeout:
 #              * every CUDA test file of tests/ in its OWN pytest process, -v, -m "cuda and not slow":
 #                a crash names its test (the last one started) and the other files still run;
@@ -30,12 +33,12 @@
 #              pass / fail / skip counts, crashes with their signal and test, sanitizer errors, bench)
 #
 # Files under $OUT (at most 8, for the device tool): gpu_check.log (everything printed),
-# summary.txt, bench_gpu.json, bench_gpu.png, model_gpu.json, logs.tar.gz (one log per step and
+# summary.txt, codegen_gpu.json, bench_gpu.json, bench_gpu.png, model_gpu.json, logs.tar.gz (one log per step and
 # job, the pytest junit XML files, steps.tsv).
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds, default 450), GPU_CHECK_JOBS
 # (parallel test/sanitizer processes, default 4), GPU_CHECK_STEPS (comma list, default
-# env,build,backends,tests,sanitize,bench,model,ep,slowtests,compiletests; `sanitize` selects the
+# env,build,backends,codegen,tests,sanitize,bench,model,ep,slowtests,compiletests; `sanitize` selects the
 # sanitizer jobs of the tests phase), GPU_CHECK_FILES (space list of test files for the tests phase,
 # default: every tests/test_*.py that has CUDA tests), GPU_CHECK_CPU_MARK (without a GPU: run the
 # tests phase anyway with this marker, e.g. "not cuda", to check the script), GPU_CHECK_ASSUME_GPU=1
@@ -70,7 +73,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 export FUSED_MOE_OPS_CACHE=${FUSED_MOE_OPS_CACHE:-$HOME/.cache/fused_moe_ops}
 export MAX_JOBS=${MAX_JOBS:-16}
 
-STEPS_WANTED=${GPU_CHECK_STEPS:-env,build,backends,tests,sanitize,bench,model,ep,slowtests,compiletests}
+STEPS_WANTED=${GPU_CHECK_STEPS:-env,build,backends,codegen,tests,sanitize,bench,model,ep,slowtests,compiletests}
 remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
 wanted() { case ",$STEPS_WANTED," in *",$1,"*) return 0;; *) return 1;; esac; }
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STEPS"; }
@@ -213,6 +216,13 @@ step env 40 0 bash -c "$(declare -f envinfo); envinfo"
 # ---- build -------------------------------------------------------------------------------------
 step build 150 150 "$PY" -m fused_moe_ops.build --verbose
 step backends 30 150 "$PY" -m fused_moe_ops
+# The first GPU run checks the model too: the table's registers / spills / shared memory / blocks per
+# SM for this GPU's arch against the driver's (cuFuncGetAttribute, its occupancy calculator).
+if [ $HAS_GPU = 1 ]; then
+  step codegen 60 150 "$PY" -m fused_moe_ops.codegen --gpu-compare "$ROOT/docs/BENCHMARKS.md" --json "$OUT/codegen_gpu.json"
+elif wanted codegen; then
+  note codegen SKIPPED "no CUDA device visible to torch"
+fi
 
 # The CUDA test files of tests/: those that mark tests `cuda` (a file with none would only cost a start).
 if [ -n "${GPU_CHECK_FILES:-}" ]; then
