@@ -17,6 +17,7 @@ compiled kernels, which hid what a first compile does).
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 
 import pytest
@@ -28,6 +29,7 @@ import fused_moe_ops
 from fused_moe_ops.bench.hf_models import build_hf_model, transformers_unavailable_reason
 from fused_moe_ops.bench.models import count_launches
 from fused_moe_ops.fusion import autotune, policy
+from fusion_cases import fusion_log
 
 pytestmark = [
     pytest.mark.skipif(autotune.available() is not None, reason=str(autotune.available())),
@@ -53,12 +55,14 @@ def _lowered() -> dict:
 
 
 def _compile(forward, x, fusion: bool = True):
-    """(output, every module run_and_get_code returns, the lowerings this compile chose)."""
+    """(output, every module run_and_get_code returns, the lowerings this compile chose, with the
+    benchmarks' times as the fused_moe_ops logger gave them)."""
     before = _lowered()
     off = contextlib.nullcontext() if fusion else fused_moe_ops.disable_fusion()
-    with torch.inference_mode(), off:
+    with torch.inference_mode(), off, fusion_log(logging.DEBUG) as messages:
         out, codes = run_and_get_code(torch.compile(forward, fullgraph=True), x)
     lowered = {k: n - before.get(k, 0) for k, n in _lowered().items() if n != before.get(k, 0)}
+    lowered["log"] = [m for m in messages if "benchmark" in m or "stays" in m]
     return out, codes, lowered
 
 
@@ -103,15 +107,16 @@ def test_first_compile_launches_what_a_warm_compile_does_and_no_more_than_induct
         # the pass and the lowering run again rather than the graph being served whole).
         with inductor_config.patch(fx_graph_cache=False):
             warm, warm_codes, warm_lowered = _compile(forward, x)
-    assert sum(cold_lowered.values()) >= 2, f"not every combine was rewritten and lowered: {cold_lowered}"
-    assert cold_lowered == warm_lowered, (cold_lowered, warm_lowered)
+    cold_log, warm_log = cold_lowered.pop("log"), warm_lowered.pop("log")
+    assert sum(cold_lowered.values()) >= 2, f"not every combine was rewritten and lowered: {cold_lowered} {cold_log}"
+    assert cold_lowered == warm_lowered, (cold_lowered, warm_lowered, cold_log, warm_log)
     assert len(cold_codes) == len(warm_codes) == len(plain_codes) == 1, \
         "a compile's output code holds modules that do not run in the model"
     (cold_code,), (warm_code,) = _normalised(cold_codes), _normalised(warm_codes)
     assert cold_code == warm_code, "the first compile's code is not the warm compile's:\n" + _first_difference(
         cold_code, warm_code)
     assert _launches(cold_codes) <= _launches(plain_codes), (
-        f"with the pass {count_launches(cold_codes)}, without {count_launches(plain_codes)} ({cold_lowered})")
+        f"with the pass {count_launches(cold_codes)}, without {count_launches(plain_codes)} ({cold_lowered} {cold_log})")
     assert torch.equal(cold, warm)
     tol = 3e-2 * max(1.0, float(eager.abs().max()))
     assert float((cold.float() - eager).abs().max()) <= tol
@@ -126,7 +131,8 @@ def test_every_combine_lowered_alike_when_each_is_benchmarked_alone():
     x = make_input(16)
     with fresh_cache(), inductor_config.patch(autotune_local_cache=False):
         _, codes, lowered = _compile(forward, x)
-    assert len(lowered) == 1 and sum(lowered.values()) == 2, lowered
+    log = lowered.pop("log")
+    assert len(lowered) == 1 and sum(lowered.values()) == 2, (lowered, log)
     assert len(codes) == 1
 
 
