@@ -57,6 +57,11 @@ def families() -> List[str]:
     return sorted(found & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
 
 
+def is_experts_module(module) -> bool:
+    """An ``@use_experts_implementation`` module: the attributes every transformers >= 5.7 decorator sets."""
+    return all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "is_concatenated"))
+
+
 def _distinct(values: list) -> list:
     return list(dict.fromkeys(values))
 
@@ -98,7 +103,7 @@ def tiny_model(model_type: str, experts_implementation: str, dtype=None):
     # the backend forgot): what is under test must matter to the logits.
     with torch.no_grad():
         for module in model.modules():
-            if hasattr(module, "_is_expert_parallel"):
+            if is_experts_module(module):
                 for name, p in module.named_parameters(recurse=False):
                     p.normal_(0.0, 0.1)
     if dtype is not None:

@@ -25,13 +25,15 @@ import fused_moe_ops  # noqa: E402,F401
 from fused_moe_ops.integrations import transformers as hf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _hf_tiny import SEQ, families, tiny_model  # noqa: E402
+from _hf_tiny import SEQ, families, is_experts_module, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = families()
 # Families whose tiny config this file cannot build (their config validation ties sub-models'
 # widths together); strict xfail: when one builds, the mark must go.
 NOT_BUILT = {"dots3_note": "multimodal config: the vision adapter's width must match the text width"}
+# Families in every transformers the backend supports: their tiny model must build, never skip.
+CLASSIC = {"qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "deepseek_v3", "olmoe"}
 OP = torch.ops.moe.shuffle_mul_sum.default
 
 
@@ -47,7 +49,7 @@ class CountOp(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def experts_modules(model):
-    return [m for m in model.modules() if hasattr(m, "_is_expert_parallel") and hasattr(m, "has_gate")]
+    return [m for m in model.modules() if is_experts_module(m)]
 
 
 def count_experts_calls(model):
@@ -60,14 +62,27 @@ def count_experts_calls(model):
     return calls, handles
 
 
+def build(family, experts_implementation):
+    """The family's tiny model. One that an older transformers cannot build from the shrunk config
+    (a family the release has, with a config this file's shrinking breaks) skips, saying why: building
+    runs no experts forward, so the backend is not what fails. The classic families must build."""
+    try:
+        return tiny_model(family, experts_implementation)
+    except Exception as e:  # noqa: BLE001 (whatever the release's config or model code raises)
+        if family in CLASSIC or family in NOT_BUILT:
+            raise
+        pytest.skip(f"{family}'s tiny model does not build under transformers {transformers.__version__}: "
+                    f"{type(e).__name__}: {e}"[:300])
+
+
 def family_params():
     return [pytest.param(f, marks=pytest.mark.xfail(reason=NOT_BUILT[f], strict=True)) if f in NOT_BUILT else f
             for f in FAMILIES]
 
 
 def test_families_are_enumerated():
-    # The installed transformers (5.25) has 53 such families; any transformers >= 5.7 has the classic ones.
-    assert {"qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "deepseek_v3", "olmoe"} <= set(FAMILIES), FAMILIES
+    # transformers 5.25 has 53 such families, 5.7 has 25; every release >= 5.7 has the classic ones.
+    assert CLASSIC <= set(FAMILIES), FAMILIES
 
 
 def test_registered_in_the_interface_the_decorator_reads():
@@ -80,7 +95,7 @@ def test_registered_in_the_interface_the_decorator_reads():
 
 @pytest.mark.parametrize("family", family_params())
 def test_logits_match_grouped_mm_and_op_runs_once_per_experts_call(family):
-    model = tiny_model(family, "grouped_mm")
+    model = build(family, "grouped_mm")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 96, (2, SEQ), generator=g)  # 14 tokens: the grouped path
     with torch.inference_mode():
@@ -108,7 +123,7 @@ def test_logits_match_grouped_mm_and_op_runs_once_per_experts_call(family):
 
 @pytest.mark.parametrize("family", family_params())
 def test_generate_keeps_the_backend(family):
-    model = tiny_model(family, hf.NAME)
+    model = build(family, hf.NAME)
     ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(2))
     kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
     calls, handles = count_experts_calls(model)
@@ -170,7 +185,10 @@ def test_expert_parallel_placeholders_are_skipped(qwen_experts, tokens, placehol
     ids = ids.masked_fill(placed, 8)
     weights = weights.masked_fill(placed, placeholder_weight)
     ids_before, weights_before = ids.clone(), weights.clone()
-    qwen_experts._is_expert_parallel = True
+    # transformers >= 5.18 marks expert-parallel modules (its grouped_mm masks placeholders only in
+    # those); before, there is no mark and every call masks them: then the module is left unmarked.
+    if hasattr(qwen_experts, "_is_expert_parallel"):
+        qwen_experts._is_expert_parallel = True
     with torch.inference_mode():
         ours = hf.experts_forward(qwen_experts, hidden, ids, weights)
         theirs = hf._grouped_mm_forward(qwen_experts, hidden, ids, weights)
@@ -203,6 +221,12 @@ def test_token_counts_match_float64(qwen_experts, tokens, dtype):
 @pytest.mark.parametrize("tokens", [3, 40], ids=["3_tokens", "40_tokens"])
 def test_post_expert_norm_experts(tokens):
     # The one family with a post-expert norm (MuseSpark) is not a causal LM: its experts alone.
+    import inspect
+
+    from transformers.integrations.moe import use_experts_implementation
+
+    if "has_post_expert_norm" not in inspect.signature(use_experts_implementation).parameters:
+        pytest.skip(f"transformers {transformers.__version__} has no post-expert norm (it came in 5.20)")
     from transformers.models.muse_spark.configuration_muse_spark import MuseSparkTextConfig
     from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
 
@@ -244,10 +268,16 @@ def test_grad_mode_falls_back_to_grouped_mm_and_says_so_once(qwen_experts, caplo
 
 
 def test_compiled_backend_gets_the_fusion_pass(qwen_experts):
+    import inspect
+
     import torch._inductor.config as inductor_config
+    from transformers.integrations.moe import grouped_mm_experts_forward
 
     # Under torch.compile the backend traces grouped_mm's forward, whose combine the pass rewrites
     # (and Inductor then chooses between the op and its own code): the same graph as grouped_mm's.
+    # transformers 5.7 to 5.16 zero the placeholder rows after the weight multiply, in every call (a
+    # masked_fill of the weighted rows): a combine the pass leaves to Inductor there.
+    rewritable = "weighted_out.masked_fill_" not in inspect.getsource(grouped_mm_experts_forward)
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(24, 32, generator=g)
     ids, weights = routing(24, 4, 8, g)
@@ -257,8 +287,12 @@ def test_compiled_backend_gets_the_fusion_pass(qwen_experts):
     with torch.inference_mode(), inductor_config.patch(fx_graph_cache=False):
         out = compiled(hidden, ids, weights)
         ref = hf._grouped_mm_forward(qwen_experts, hidden, ids, weights)
-    assert fused_moe_ops.fusion_stats()["by_pattern"].get("weighted_rows_sum", 0) >= 1, fused_moe_ops.fusion_stats()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    rewrites = fused_moe_ops.fusion_stats()["by_pattern"].get("weighted_rows_sum", 0)
+    if not rewritable:
+        assert rewrites == 0, fused_moe_ops.fusion_stats()  # when the pass learns that form, say so here
+        pytest.skip(f"transformers {transformers.__version__}'s grouped_mm masks the weighted rows: not rewritten")
+    assert rewrites >= 1, fused_moe_ops.fusion_stats()
 
 
 # --- transformers absent, too old, imported before or after ----------------------------------------
