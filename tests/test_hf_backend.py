@@ -77,6 +77,19 @@ def build(family, experts_implementation):
                     f"{type(e).__name__}: {e}"[:300])
 
 
+def grouped_mm_runs(family, run):
+    """``run()``, grouped_mm's own forward or generate(). Where that fails too (a family that a release
+    builds but cannot run from this config, e.g. nemotron_h's cache in transformers 5.14), the
+    backend has nothing to match: skip, saying why. The classic families must run."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001
+        if family in CLASSIC:
+            raise
+        pytest.skip(f"{family} does not run under transformers {transformers.__version__} with grouped_mm either: "
+                    f"{type(e).__name__}: {e}"[:300])
+
+
 def family_params():
     return [pytest.param(f, marks=pytest.mark.xfail(reason=NOT_BUILT[f], strict=True)) if f in NOT_BUILT else f
             for f in FAMILIES]
@@ -101,7 +114,7 @@ def test_logits_match_grouped_mm_and_op_runs_once_per_experts_call(family):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 96, (2, SEQ), generator=g)  # 14 tokens: the grouped path
     with torch.inference_mode():
-        ref32 = model(ids).logits
+        ref32 = grouped_mm_runs(family, lambda: model(ids).logits)
         model.set_experts_implementation(hf.NAME)
         calls, handles = count_experts_calls(model)
         with CountOp() as counter:
@@ -129,8 +142,13 @@ def test_generate_keeps_the_backend(family):
     ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(2))
     kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
     calls, handles = count_experts_calls(model)
-    with CountOp() as counter:
-        ours = model.generate(ids, **kwargs)
+    try:
+        with CountOp() as counter:
+            ours = model.generate(ids, **kwargs)
+    except Exception:
+        model.set_experts_implementation("grouped_mm")
+        grouped_mm_runs(family, lambda: model.generate(ids, **kwargs))  # skips if grouped_mm fails too
+        raise
     for h in handles:
         h.remove()
     assert model.config._experts_implementation == hf.NAME
