@@ -13,7 +13,8 @@ releases that do not require it (a sitecustomize.py in DIR/_hide_kernels), as it
 such a release is installed on its own.
 
 Prints one row per release: the backend's state there, the model families whose tiny model builds
-(tests/_hf_tiny.py) and of those the ones whose logits and generate() both match grouped_mm's with
+and runs with grouped_mm there ("built", tests/_hf_tiny.py; the others are listed with the reason
+their tests skipped) and of those the ones whose logits and generate() both match grouped_mm's with
 the backend, and the module's other tests. Exits 1 if any test failed. Standard library only.
 """
 from __future__ import annotations
@@ -110,38 +111,45 @@ def environment(target: Path, base: Path) -> Dict[str, str]:
     return env
 
 
-def results(junit: Path) -> Dict[str, str]:
-    """test id -> passed | failed | skipped | xfailed."""
+def results(junit: Path) -> Dict[str, Tuple[str, str]]:
+    """test id -> (passed | failed | skipped | xfailed, the skip's or xfail's reason)."""
     out = {}
     if not junit.exists():
         return out
     for case in ET.parse(junit).iter("testcase"):
-        status = "passed"
+        status, why = "passed", ""
         for child in case:
             if child.tag in ("failure", "error"):
                 status = "failed"
             elif child.tag == "skipped":
                 status = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
-        out[case.get("name")] = status
+                why = (child.get("message") or "").replace("Skipped: ", "")
+        out[case.get("name")] = (status, why)
     return out
 
 
-def summarize(res: Dict[str, str]) -> dict:
+def summarize(res: Dict[str, Tuple[str, str]]) -> dict:
+    """A family is built when none of its tests skipped or xfailed (its tiny model builds and runs
+    with grouped_mm), passed when all of them passed."""
     families: Dict[str, List[str]] = {}
+    why_not: Dict[str, str] = {}
     other = {"passed": 0, "failed": 0, "skipped": 0, "xfailed": 0}
     failed = []
-    for name, status in res.items():
+    for name, (status, why) in res.items():
         m = re.fullmatch(r"(\w+)\[(.+)\]", name)
         if m and m.group(1) in FAMILY_TESTS:
             families.setdefault(m.group(2), []).append(status)
+            if why:
+                why_not.setdefault(m.group(2), why)
         else:
             other[status] += 1
         if status == "failed":
             failed.append(name)
     built = [f for f, s in families.items() if all(x in ("passed", "failed") for x in s)]
     passed = [f for f in built if all(x == "passed" for x in families[f])]
+    not_built = {f: why_not.get(f, "") for f in sorted(set(families) - set(built))}
     return {"enumerated": len(families), "built": len(built), "passed": len(passed),
-            "not_built": sorted(set(families) - set(built)), "other": other, "failed": failed}
+            "not_built": not_built, "other": other, "failed": failed}
 
 
 def main() -> int:
@@ -186,8 +194,8 @@ def main() -> int:
         print(f"{r['version']:<13} {backend:<15} {fam:<22} {other:<34} {r['seconds']}")
         if not r["registered"]:
             print(f"{'':<13} {r['reason']}")
-        if r["not_built"]:
-            print(f"{'':<13} not built: {', '.join(r['not_built'])}")
+        for family, why in r["not_built"].items():
+            print(f"{'':<13} not built: {family}: {why[:160]}")
         for name in r["failed"]:
             print(f"{'':<13} FAILED {name}")
     if args.json:
