@@ -32,9 +32,11 @@ Where the op cannot serve, the call is grouped_mm's own forward:
 
 ``import fused_moe_ops`` does not import transformers: ``register_when_imported()`` registers the
 backend when ``transformers.integrations.moe`` is imported (at once if it already is). With
-transformers older than 5.7 (the oldest release tested), or without it, nothing is registered,
-nothing fails and models run their own experts implementation; ``state()`` says which (``python -m
-fused_moe_ops`` prints it).
+transformers older than 5.7, or without it, nothing is registered, nothing fails and models run
+their own experts implementation; ``state()`` says which (``python -m fused_moe_ops`` prints it).
+5.7 is the first release whose models accept an experts implementation registered in
+``ExpertsInterface``: 5.6 has the interface but ``experts_implementation`` takes only eager,
+grouped_mm, batched_mm and deepgemm (a ValueError for any other name).
 """
 from __future__ import annotations
 
@@ -214,8 +216,8 @@ def state() -> dict:
 
 def _too_old(version: str) -> str:
     floor = ".".join(map(str, MIN_TRANSFORMERS))
-    return (f"transformers {version} < {floor}, the oldest release the backend is tested with; models run "
-            f"their own experts implementation")
+    return (f"transformers {version} < {floor}: its models accept only their built-in experts implementations "
+            f"(from {floor} on, any registered in its ExpertsInterface); models run their own")
 
 
 def _installed_version() -> Optional[str]:
