@@ -219,6 +219,25 @@ def test_expert_parallel_placeholders_are_skipped(qwen_experts, tokens, placehol
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+def test_experts_module_without_the_newer_attributes(qwen_experts):
+    # As transformers 5.7 to 5.17 build experts modules: no _is_expert_parallel (their grouped_mm
+    # masks placeholders in every call) and no has_post_expert_norm (no such step). Under any release
+    # the backend reads a missing attribute that way, never as an AttributeError.
+    for name in ("_is_expert_parallel", "has_post_expert_norm"):
+        if hasattr(qwen_experts, name):
+            delattr(qwen_experts, name)
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(12, 32, generator=g)
+    ids, weights = routing(12, 4, 8, g)
+    placed = torch.rand(12, 4, generator=g) < 0.4
+    ids, weights = ids.masked_fill(placed, 8), weights.masked_fill(placed, float("nan"))
+    with torch.inference_mode(), CountOp() as counter:
+        ours = hf.experts_forward(qwen_experts, hidden, ids, weights)
+    assert counter.calls == 1
+    ref = float64_reference(qwen_experts, hidden, ids, weights)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("tokens", [1, 4, 5, 64], ids=["1_token", "4_tokens", "5_tokens", "64_tokens"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_token_counts_match_float64(qwen_experts, tokens, dtype):
