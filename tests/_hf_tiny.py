@@ -57,6 +57,11 @@ def families() -> List[str]:
     return sorted(found & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
 
 
+def is_experts_module(module) -> bool:
+    """An ``@use_experts_implementation`` module: the attributes every transformers >= 5.7 decorator sets."""
+    return all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "is_concatenated"))
+
+
 def _distinct(values: list) -> list:
     return list(dict.fromkeys(values))
 
@@ -89,16 +94,31 @@ def tiny_model(model_type: str, experts_implementation: str, dtype=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    overrides = {**SHRINK, **EXTRA.get(model_type, {})}
     config_class = type(AutoConfig.for_model(model_type))
-    config = config_class(**_shrunk(config_class().to_dict(), {**SHRINK, **EXTRA.get(model_type, {})}))
+    config = config_class(**_shrunk(config_class().to_dict(), overrides))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, experts_implementation=experts_implementation)
+    try:
+        model = AutoModelForCausalLM.from_config(config, experts_implementation=experts_implementation)
+    except AttributeError:
+        # A release whose causal LM takes only the family's text config, which the auto class does
+        # not extract from the composite one (qwen3_5_moe in transformers 5.7): that config, directly.
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+        text_class = model_class.config_class
+        if text_class is config_class:
+            raise
+        config = text_class(**_shrunk(text_class().to_dict(), overrides))
+        torch.manual_seed(0)
+        model = model_class._from_config(config, experts_implementation=experts_implementation)
     model.eval()
     # The experts' weights drawn afresh, biases included (initialised to 0 they would hide a bias
     # the backend forgot): what is under test must matter to the logits.
     with torch.no_grad():
         for module in model.modules():
-            if hasattr(module, "_is_expert_parallel"):
+            if is_experts_module(module):
                 for name, p in module.named_parameters(recurse=False):
                     p.normal_(0.0, 0.1)
     if dtype is not None:

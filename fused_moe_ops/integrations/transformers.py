@@ -13,18 +13,30 @@ reads the expert-sorted rows through the inverse permutation, weights them by ``
 as they are (no sorted copy) and sums in float32. Expert-parallel placeholders (ids >=
 num_experts, weight 0) become -1 entries, which the op skips (their rows are never read).
 
+The module's features are read as the installed release defines them, by what it has (no version
+test): the attributes every release from 5.7 sets (``has_gate``, ``has_bias``, ``is_transposed``,
+``_apply_gate``) always; the expert-parallel mark ``_is_expert_parallel`` (5.18 on: placeholders
+only in marked modules; before, in every call, as that release's grouped_mm masks them) and
+``has_post_expert_norm`` (5.20 on; before, no such step) where the module has them.
+scripts/transformers_versions.py runs tests/test_hf_backend.py under each release.
+
 Where the op cannot serve, the call is grouped_mm's own forward:
 - autograd needs the graph (grad mode on and a weight or input requires grad): the op has no
   backward. Said once on the ``fused_moe_ops`` logger; run under ``torch.inference_mode()`` or
   ``torch.no_grad()`` (``generate()`` does).
 - under ``torch.compile``: the fusion pass rewrites grouped_mm's combine into the op and Inductor
   then times the op against its own code (fusion/autotune.py), so the compiled model gets exactly
-  the graph and the choice that grouped_mm compiled with the pass gets.
+  the graph and the choice that grouped_mm compiled with the pass gets. (transformers 5.7 to 5.16
+  zero the placeholder rows after the weight multiply, a combine the pass does not rewrite: there
+  the compiled model is grouped_mm's, unfused.)
 
 ``import fused_moe_ops`` does not import transformers: ``register_when_imported()`` registers the
 backend when ``transformers.integrations.moe`` is imported (at once if it already is). With
-transformers older than 5.7, or without it, nothing is registered and nothing fails; ``state()``
-says which (``python -m fused_moe_ops`` prints it).
+transformers older than 5.7, or without it, nothing is registered, nothing fails and models run
+their own experts implementation; ``state()`` says which (``python -m fused_moe_ops`` prints it).
+5.7 is the first release whose models accept an experts implementation registered in
+``ExpertsInterface``: 5.6 has the interface but ``experts_implementation`` takes only eager,
+grouped_mm, batched_mm and deepgemm (a ValueError for any other name).
 """
 from __future__ import annotations
 
@@ -89,7 +101,9 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
 # hidden 1024, 64 experts, top-8: the weight gather dominates), where this path is 1.00x.
 def _fused_forward(self, hidden_states, top_k_index, top_k_weights):
     # Mirrors transformers' grouped_mm_experts_forward up to the down projection (same GEMM helper,
-    # same offsets); the combine is the op.
+    # same offsets); the combine is the op. The module's optional features are read as the installed
+    # release defines them: an attribute the release does not set is a feature it does not have
+    # (_placeholders_possible, _post_expert_norm).
     from transformers.integrations.moe import _grouped_linear
 
     num_top_k = top_k_index.size(-1)
@@ -104,11 +118,12 @@ def _fused_forward(self, hidden_states, top_k_index, top_k_weights):
     tokens_per_expert = torch.histc(histc_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
     offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
 
-    # Expert-parallel placeholders sort to the tail, histc leaves them out of the offsets and the
-    # GEMMs skip their rows (left uninitialized). Clamp only for the bias gather; their slots become
-    # -1 below, so the op never reads those rows.
+    # Expert-parallel placeholders (ids >= num_experts) sort to the tail, histc leaves them out of the
+    # offsets and the GEMMs skip their rows (left uninitialized). Clamp only for the bias gather; their
+    # slots become -1 below, so the op never reads those rows: each release's grouped_mm gives them a
+    # zero contribution too.
     placeholders = None
-    if self._is_expert_parallel:
+    if _placeholders_possible(self):
         placeholders = expert_ids >= self.num_experts
         expert_ids_g = expert_ids_g.clamp(max=self.num_experts - 1)
 
@@ -124,7 +139,7 @@ def _fused_forward(self, hidden_states, top_k_index, top_k_weights):
     down_biases = self.down_proj_bias[expert_ids_g] if self.has_bias else None
     proj_out = _grouped_linear(proj_out, self.down_proj, offsets, bias=down_biases,
                                is_transposed=self.is_transposed)
-    if self.has_post_expert_norm:
+    if _post_expert_norm(self):
         proj_out = self.post_expert_norm(proj_out)
 
     # slot -> its row of proj_out: the inverse of perm.
@@ -133,6 +148,19 @@ def _fused_forward(self, hidden_states, top_k_index, top_k_weights):
     if placeholders is not None:
         rows_of_slots = rows_of_slots.masked_fill(placeholders, -1)
     return torch.ops.moe.shuffle_mul_sum(proj_out, rows_of_slots, top_k_weights, hidden_states.dtype)
+
+
+def _placeholders_possible(self) -> bool:
+    """Whether ids >= num_experts are expert-parallel placeholders here. transformers >= 5.18 marks
+    expert-parallel modules (``_is_expert_parallel``) and its grouped_mm masks placeholders only in
+    those; releases without the attribute (5.7 to 5.17) mask them in every call, so we do too."""
+    return getattr(self, "_is_expert_parallel", True)
+
+
+def _post_expert_norm(self) -> bool:
+    """Whether the module applies ``post_expert_norm`` to each expert's output (transformers >= 5.20
+    sets ``has_post_expert_norm``; before, its grouped_mm has no such step)."""
+    return getattr(self, "has_post_expert_norm", False)
 
 
 # --- registration ----------------------------------------------------------------------------------
@@ -145,7 +173,7 @@ def register() -> bool:
 
     version = getattr(transformers, "__version__", "0")
     if _parse_version(version) < MIN_TRANSFORMERS:
-        _STATE.update(registered=False, reason=f"transformers {version} < 5.7 has no experts interface to register in")
+        _STATE.update(registered=False, reason=_too_old(version))
         return False
     try:
         # The GEMM helpers are transformers' own (private, present since the interface came).
@@ -179,11 +207,17 @@ def state() -> dict:
         if version is None:
             info["reason"] = "transformers is not installed"
         elif _parse_version(version) < MIN_TRANSFORMERS:
-            info["reason"] = f"transformers {version} < 5.7 has no experts interface to register in"
+            info["reason"] = _too_old(version)
         else:
             info["will_register"] = True
             info["reason"] = f"transformers {version} installed; registers when its experts interface is imported"
     return info
+
+
+def _too_old(version: str) -> str:
+    floor = ".".join(map(str, MIN_TRANSFORMERS))
+    return (f"transformers {version} < {floor}: its models accept only their built-in experts implementations "
+            f"(from {floor} on, any registered in its ExpertsInterface); models run their own")
 
 
 def _installed_version() -> Optional[str]:
