@@ -185,7 +185,7 @@ def test_forced_choice_gives_eagers_result(sp, force):
     benchmarked = sp.kind not in ("identity", "per_token")  # no permutation: never benchmarked (autotune.py)
     lowered = fused_moe_ops.fusion_stats()["lowered"]
     if force and benchmarked:
-        # Forced: the benchmark's winner where it is a decomposition, else the first (the reduction).
+        # Forced: the benchmarked decomposition (unrolled where topk <= 16, else reduction).
         assert len(lowered) == 1 and lowered.get("reduction", lowered.get("unrolled")) == 1, lowered
         assert FUSED_CALL not in code, "the decomposition won, yet the op is called"
         # The decomposition and the add are one Inductor kernel, beside the kernels the routing needs

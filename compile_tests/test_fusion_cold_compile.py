@@ -5,9 +5,10 @@ between the op and its own code (fusion/autotune.py), as ``torch.compile(model)`
   kernels with the pass than without it, and is the code of a second compile whose cache holds the
   choice (same lowerings, same kernels): the modules Inductor compiles only to time the choices are
   not part of it.
-* With the autotuning cache off every combine of the model is benchmarked on its own: all of them
-  are lowered the same way (the pick between lowerings that time alike is policy.choice_order's,
-  not the noise's).
+* With the autotuning cache off every combine of the model is lowered the same way (at decode sizes
+  on CPU the decomposition without a benchmark; where a benchmark runs, one decomposition against
+  the op, and between choices that time alike policy.choice_order picks, not the noise). A combine
+  that is benchmarked shows only the model's code.
 * The pick itself (``autotune._pick``) on given timings: ties within the tolerance go by the order,
   a clear winner wins, the op's time counts ``preference`` times.
 
@@ -123,10 +124,10 @@ def test_first_compile_launches_what_a_warm_compile_does_and_no_more_than_induct
     assert float((cold.float() - plain.float()).abs().max()) <= tol
 
 
-def test_every_combine_lowered_alike_when_each_is_benchmarked_alone():
-    """Mixtral (top-2) at 16 tokens: the unrolled and reduction decompositions time alike, and a cold
-    compile picked one for one layer and the other for the next. With the autotuning cache off each
-    layer's combine is benchmarked on its own; the pick must still be the same for both."""
+def test_every_combine_lowered_alike_with_the_autotuning_cache_off():
+    """Mixtral (top-2) at 16 tokens: when both decompositions were benchmarked they timed alike, and a
+    cold compile with the autotuning cache off lowered one layer each way. Every combine of the model
+    must be lowered the same way."""
     forward, make_input, _, _ = build_hf_model("mixtral", "cpu", torch.bfloat16)
     x = make_input(16)
     with fresh_cache(), inductor_config.patch(autotune_local_cache=False):
@@ -134,6 +135,40 @@ def test_every_combine_lowered_alike_when_each_is_benchmarked_alone():
     log = lowered.pop("log")
     assert len(lowered) == 1 and sum(lowered.values()) == 2, (lowered, log)
     assert len(codes) == 1
+
+
+def test_benchmarked_combine_shows_only_the_models_code():
+    """A combine large enough to be benchmarked (policy.choice_without_benchmark says None): Inductor
+    compiles a module per choice to time it, and run_and_get_code returns the model's module alone,
+    on the first compile as on a later one."""
+    m, topk, k = 128, 8, 256
+    assert policy.choice_without_benchmark("cpu", m, topk, k, torch.bfloat16) is None
+
+    def layer(x, idx, w, residual):
+        return residual + (x[idx].view(m, topk, k) * w.view(m, topk, 1).to(x.dtype)).sum(dim=1)
+
+    torch.manual_seed(0)
+    args = (torch.randn(m * topk, k, dtype=torch.bfloat16), torch.randperm(m * topk), torch.rand(m, topk),
+            torch.randn(m, k, dtype=torch.bfloat16))
+    with fresh_cache():
+        before = _lowered()
+        with fusion_log(logging.DEBUG) as messages:
+            out, codes = run_and_get_code(torch.compile(layer), *args)
+        lowered = {k_: n - before.get(k_, 0) for k_, n in _lowered().items() if n != before.get(k_, 0)}
+    assert any("benchmark" in msg and " us" in msg for msg in messages), messages
+    assert sum(lowered.values()) == 1, lowered
+    assert len(codes) == 1, [c[:200] for c in codes]
+    expected = layer(*args).float()
+    assert float((out.float() - expected).abs().max()) <= 3e-2 * max(1.0, float(expected.abs().max()))
+
+
+def test_decode_sizes_on_cpu_take_the_decomposition_without_a_benchmark():
+    forward, make_input, _, _ = build_hf_model("qwen3_moe", "cpu", torch.bfloat16)
+    with fresh_cache():
+        _, codes, lowered = _compile(forward, make_input(1))
+    log = lowered.pop("log")
+    assert lowered == {"unrolled": 2}, (lowered, log)
+    assert not any("benchmark" in msg and " us" in msg for msg in log), log
 
 
 # ---------------------------------------------------------------- the pick on given timings
@@ -184,4 +219,8 @@ def test_pick_counts_the_op_preference_times():
 
 def test_cpu_order_and_tolerance():
     assert policy.choice_order("cpu", 16, 2, 256, torch.bfloat16)[-1] == "op"
+    assert policy.choice_without_benchmark("cpu", 16, 8, 1024, torch.bfloat16) == "unrolled"
+    assert policy.choice_without_benchmark("cpu", 1, 32, 256, torch.bfloat16) == "reduction"
+    assert policy.choice_without_benchmark("cpu", 16, 8, 4096, torch.bfloat16) is None
+    assert policy.choice_without_benchmark("cuda", 1, 8, 256, torch.bfloat16) is None
     assert 0 < policy.choice_tolerance("cpu") < 1 and 0 < policy.choice_tolerance("cuda") <= policy.choice_tolerance("cpu")
