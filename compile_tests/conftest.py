@@ -79,3 +79,14 @@ def _fresh_compile_state(request, _shared_kernel_cache_dir):
         fusion.set_autotune(autotune_was)
         inductor_config.post_grad_custom_post_pass = saved_slot
         fusion.install()
+
+
+@pytest.fixture
+def inductor_chooses():
+    """Inductor's choice between the op and its own code on, as a user gets it (``_fresh_compile_state``
+    turns it off for the graph tests); for the modules that test that choice."""
+    previous = fusion.set_autotune(True)
+    try:
+        yield
+    finally:
+        fusion.set_autotune(previous)

@@ -39,12 +39,8 @@ _ROUND = {code: dt for dt, code in FACTOR_ROUND.items() if dt is not None}
 
 
 @pytest.fixture(autouse=True)
-def _autotune_on():
-    previous = fused_moe_ops.fusion.set_autotune(True)
-    try:
-        yield
-    finally:
-        fused_moe_ops.fusion.set_autotune(previous)
+def _autotune_on(inductor_chooses):
+    """Inductor chooses in every test here (conftest.py)."""
 
 
 # ------------------------------------------------------------------ the decompositions, eagerly

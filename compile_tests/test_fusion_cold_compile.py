@@ -42,13 +42,8 @@ FRESH_INDUCTOR_CACHE = True
 
 
 @pytest.fixture(autouse=True)
-def _inductor_chooses():
-    """Inductor's choice on, as a user gets it (conftest.py turns it off for the graph tests)."""
-    previous = fused_moe_ops.fusion.set_autotune(True)
-    try:
-        yield
-    finally:
-        fused_moe_ops.fusion.set_autotune(previous)
+def _inductor_chooses(inductor_chooses):
+    """Inductor chooses in every test here, as a user's compile does (conftest.py)."""
 
 
 def _lowered() -> dict:
