@@ -3,13 +3,18 @@
 The pass emits ``moe::_shuffle_mul_sum_fused``. Where torch has custom-op autotuning
 (``torch._inductor.kernel.custom_op.register_custom_op_autotuning``, torch >= 2.12), the op is
 registered with the decompositions of fusion/decompositions.py: at compile time Inductor benchmarks
-the op's kernel against them on the combine's real sizes and, when a decomposition wins, inlines it as
-Inductor IR, where it fuses with its neighbours (the residual add and the next RMSNorm at decode).
-Where our kernel wins (large M) the op stays.
+the op's kernel against one of them (``unrolled`` where topk <= 16, else ``reduction``) on the
+combine's real sizes and, when the decomposition wins, inlines it as Inductor IR, where it fuses with
+its neighbours (the residual add and the next RMSNorm at decode). Where our kernel is clearly faster
+(large M) the op stays. Choices within ``policy.choice_tolerance`` of each other go by
+``policy.choice_order`` (the decomposition first), not by the benchmark's noise; on CPU a
+decode-sized combine takes the decomposition without a benchmark (``policy.choice_without_benchmark``).
+The modules Inductor compiles to time the choices are kept out of the output code, so a first
+compile shows what a later one does.
 
 A decomposition is benchmarked alone, so what it gains by fusing is not in the comparison; the
-preference (``decomposition_preference``, default ``DEFAULT_PREFERENCE``) stands for it: the best
-decomposition is taken when its time is at most ``preference x`` the op's.
+preference (``decomposition_preference``, default ``DEFAULT_PREFERENCE``) stands for it: the op's
+time counts ``preference`` times.
 
 Where a size is symbolic (the token count under dynamic shapes) a benchmark would time one token
 count for all of them: there the static rule ``policy.symbolic_size_choice`` names the decomposition
@@ -435,8 +440,8 @@ def _pick(best_choice, timings: dict, preference: float, order: tuple, tolerance
     fastest, where the op's time counts ``preference`` times (a decomposition is taken over the op when
     it is at most ``preference x`` the op's time). Two lowerings within the benchmark's noise of each
     other would otherwise be picked by the noise: a cold compile on a busy machine flipped between
-    them from one compile to the next. ``order`` puts first the lowering that is no slower in the
-    model where the two time alike alone (policy.choice_order)."""
+    them from one compile to the next. ``order``: policy.choice_order (the decomposition before the
+    op: inlined, it launches what Inductor's own graph does)."""
     scaled = {c: t * preference if _choice_name(c) == "op" else t for c, t in timings.items()}
     finite = {c: t for c, t in scaled.items() if t == t and t != float("inf")}
     if not finite:
