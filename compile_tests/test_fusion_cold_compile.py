@@ -50,16 +50,15 @@ def _lowered() -> dict:
     return dict(fused_moe_ops.fusion_stats().get("lowered", {}))
 
 
-def _compile(forward, x, fusion: bool = True):
-    """(output, every module run_and_get_code returns, the lowerings this compile chose, with the
-    benchmarks' times as the fused_moe_ops logger gave them)."""
+def _compile(forward, *inputs, fusion: bool = True):
+    """(output, every module run_and_get_code returns, the lowerings this compile chose, the
+    benchmarks' times and kept choices as the fused_moe_ops logger gave them)."""
     before = _lowered()
     off = contextlib.nullcontext() if fusion else fused_moe_ops.disable_fusion()
     with torch.inference_mode(), off, fusion_log(logging.DEBUG) as messages:
-        out, codes = run_and_get_code(torch.compile(forward, fullgraph=True), x)
+        out, codes = run_and_get_code(torch.compile(forward, fullgraph=True), *inputs)
     lowered = {k: n - before.get(k, 0) for k, n in _lowered().items() if n != before.get(k, 0)}
-    lowered["log"] = [m for m in messages if "benchmark" in m or "stays" in m]
-    return out, codes, lowered
+    return out, codes, lowered, [m for m in messages if "benchmark" in m or "stays" in m]
 
 
 def _launches(codes) -> int:
@@ -96,14 +95,13 @@ def test_first_compile_launches_what_a_warm_compile_does_and_no_more_than_induct
     with torch.inference_mode():
         eager = forward(x).float()
     with fresh_cache():
-        plain, plain_codes, _ = _compile(forward, x, fusion=False)
+        plain, plain_codes, _, _ = _compile(forward, x, fusion=False)
     with fresh_cache():
-        cold, cold_codes, cold_lowered = _compile(forward, x)
+        cold, cold_codes, cold_lowered, cold_log = _compile(forward, x)
         # The same model again, the choices now in the autotuning cache (the FX graph cache off, so
         # the pass and the lowering run again rather than the graph being served whole).
         with inductor_config.patch(fx_graph_cache=False):
-            warm, warm_codes, warm_lowered = _compile(forward, x)
-    cold_log, warm_log = cold_lowered.pop("log"), warm_lowered.pop("log")
+            warm, warm_codes, warm_lowered, warm_log = _compile(forward, x)
     assert sum(cold_lowered.values()) >= 2, f"not every combine was rewritten and lowered: {cold_lowered} {cold_log}"
     assert cold_lowered == warm_lowered, (cold_lowered, warm_lowered, cold_log, warm_log)
     assert len(cold_codes) == len(warm_codes) == len(plain_codes) == 1, \
@@ -126,8 +124,7 @@ def test_every_combine_lowered_alike_with_the_autotuning_cache_off():
     forward, make_input, _, _ = build_hf_model("mixtral", "cpu", torch.bfloat16)
     x = make_input(16)
     with fresh_cache(), inductor_config.patch(autotune_local_cache=False):
-        _, codes, lowered = _compile(forward, x)
-    log = lowered.pop("log")
+        _, codes, lowered, log = _compile(forward, x)
     assert len(lowered) == 1 and sum(lowered.values()) == 2, (lowered, log)
     assert len(codes) == 1
 
@@ -146,11 +143,8 @@ def test_benchmarked_combine_shows_only_the_models_code():
     args = (torch.randn(m * topk, k, dtype=torch.bfloat16), torch.randperm(m * topk), torch.rand(m, topk),
             torch.randn(m, k, dtype=torch.bfloat16))
     with fresh_cache():
-        before = _lowered()
-        with fusion_log(logging.DEBUG) as messages:
-            out, codes = run_and_get_code(torch.compile(layer), *args)
-        lowered = {k_: n - before.get(k_, 0) for k_, n in _lowered().items() if n != before.get(k_, 0)}
-    assert any("benchmark" in msg and " us" in msg for msg in messages), messages
+        out, codes, lowered, log = _compile(layer, *args)
+    assert any("benchmark" in msg and " us" in msg for msg in log), log
     assert sum(lowered.values()) == 1, lowered
     assert len(codes) == 1, [c[:200] for c in codes]
     expected = layer(*args).float()
@@ -160,8 +154,7 @@ def test_benchmarked_combine_shows_only_the_models_code():
 def test_decode_sizes_on_cpu_take_the_decomposition_without_a_benchmark():
     forward, make_input, _, _ = build_hf_model("qwen3_moe", "cpu", torch.bfloat16)
     with fresh_cache():
-        _, codes, lowered = _compile(forward, make_input(1))
-    log = lowered.pop("log")
+        _, codes, lowered, log = _compile(forward, make_input(1))
     assert lowered == {"unrolled": 2}, (lowered, log)
     assert not any("benchmark" in msg and " us" in msg for msg in log), log
 
