@@ -11,8 +11,8 @@ transformers experts backend ``experts_implementation="fused_moe_ops"`` to be re
 transformers' experts interface is imported (integrations/transformers.py). It imports neither
 Inductor, Dynamo, Triton, transformers nor setuptools itself: an eager user pays only for the kernels.
 """
-from .ops import shuffle_mul_sum  # noqa: F401  (defines the schema and the fake)
-from .reference import shuffle_mul_sum_reference  # noqa: F401
+from .ops import scatter_mul_sum, shuffle_mul_sum  # noqa: F401  (defines the schemas and the fakes)
+from .reference import scatter_mul_sum_reference, shuffle_mul_sum_reference  # noqa: F401
 from . import _registry
 
 _registry.setup()

@@ -20,8 +20,9 @@ from typing import Dict, Optional
 import torch
 
 from . import build as _build
-from .ops import FUSED_OP_NAME, QUALNAME, _lib, check_args, check_out
-from .reference import shuffle_mul_sum_fused_reference, shuffle_mul_sum_reference, shuffle_mul_sum_reference_out
+from .ops import FUSED_OP_NAME, QUALNAME, SCATTER_FUSED_OP_NAME, SCATTER_OP_NAME, _lib, check_args, check_out
+from .reference import (scatter_mul_sum_fused_reference, scatter_mul_sum_reference, shuffle_mul_sum_fused_reference,
+                        shuffle_mul_sum_reference, shuffle_mul_sum_reference_out)
 
 CUDA_BACKENDS = ("cuda", "triton", "reference")
 
@@ -76,6 +77,25 @@ def _autograd_fused(input, permutation, factors, out_dtype=None, negative_index=
         return op(*args)
 
 
+def _autograd_scatter(input, index, factors, num_tokens, out_dtype=None):
+    op = getattr(torch.ops.moe, SCATTER_OP_NAME).default
+    args = (input, index, factors, num_tokens, out_dtype)
+    if _needs_grad(input, factors):
+        return _NoBackward.apply(op, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _autograd_scatter_fused(input, index, factors, num_tokens, out_dtype=None, negative_index=0, factor_round=0,
+                            scale=1.0, addend=None):
+    op = getattr(torch.ops.moe, SCATTER_FUSED_OP_NAME).default
+    args = (input, index, factors, num_tokens, out_dtype, negative_index, factor_round, scale, addend)
+    if _needs_grad(input, factors, addend):
+        return _NoBackward.apply(op, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def _register_autograd() -> None:
     """No derivative (an inference op), for every device and every kernel: forward runs under
     autograd, backward raises "derivative for moe::shuffle_mul_sum is not implemented". A call whose
@@ -83,6 +103,15 @@ def _register_autograd() -> None:
     _lib.impl("shuffle_mul_sum", _autograd_functional, "Autograd")
     _lib.impl("shuffle_mul_sum.out", _autograd_out, "Autograd")
     _lib.impl(FUSED_OP_NAME, _autograd_fused, "Autograd")
+    _lib.impl(SCATTER_OP_NAME, _autograd_scatter, "Autograd")
+    _lib.impl(SCATTER_FUSED_OP_NAME, _autograd_scatter_fused, "Autograd")
+
+
+def _register_scatter_reference() -> None:
+    # The scatter form's kernels are the reference on every device until the native ones land.
+    for key in ("CPU", "CUDA"):
+        _lib.impl(SCATTER_OP_NAME, scatter_mul_sum_reference, key)
+        _lib.impl(SCATTER_FUSED_OP_NAME, scatter_mul_sum_fused_reference, key)
 
 
 def _short(msg: str, limit: int = 300) -> str:
@@ -174,5 +203,6 @@ def setup() -> None:
         return
     _DONE = True
     _register_autograd()
+    _register_scatter_reference()
     _setup_cpu()
     _setup_cuda()

@@ -1,4 +1,5 @@
-"""``moe::shuffle_mul_sum``: schema, argument checks, fake (meta) implementation, typed wrapper.
+"""``moe::shuffle_mul_sum`` and ``moe::scatter_mul_sum``: schemas, argument checks, fake (meta)
+implementations, typed wrappers.
 
 This file is the single place where the operator is *defined*. Kernels only *implement* it:
 ``csrc/shuffle_mul_sum_cpu.cpp`` and ``csrc/shuffle_mul_sum_cuda.cu`` register with
@@ -14,6 +15,17 @@ What it computes (the MoE combine step, one pass over memory)::
 accumulated in float32 and rounded once to ``out_dtype``. Negative permutation entries mean
 "no contribution" (dropped token, expert on another rank): a skipped slot adds nothing and its
 factor is never read, so a NaN/inf factor there has no effect. An entry >= R is an error.
+
+The scatter form, for a destination index that nothing proves to be a permutation (any index eager's
+``scatter_add`` / ``index_add`` / ``index_put(accumulate=True)`` accepts: duplicates, uneven counts,
+tokens that receive nothing)::
+
+    out[t, :] = sum_{r < R, index[r] = t} factors[r] * input[r, :]        t < num_tokens
+
+accumulated in float32, a token's rows summed in increasing r (deterministic: no atomics whose order
+changes the result), rounded once. A token no row reaches gets zeros. Negative entries contribute
+nothing (dropped rows, rows of another rank; their factor is never read); an entry >= num_tokens is an
+error. ``factors=None``: rows already weighted (factor 1).
 """
 from __future__ import annotations
 
@@ -59,6 +71,27 @@ FUSED_SCHEMA = (
     "int negative_index=0, int factor_round=0, float scale=1.0, Tensor? addend=None, Tensor? row_mask=None) -> Tensor"
 )
 SKIP_NEGATIVE, WRAP_NEGATIVE, NEGATIVE_IS_ERROR = 0, 1, 2
+
+# The scatter form (module docstring). Public: functional only (an ``out=`` form would have to say
+# whether it overwrites or accumulates; neither is what a caller of scatter_add_ could assume).
+SCATTER_OP_NAME = "scatter_mul_sum"
+SCATTER_SCHEMA = (
+    f"{SCATTER_OP_NAME}(Tensor input, Tensor index, Tensor? factors, SymInt num_tokens, "
+    "ScalarType? out_dtype=None) -> Tensor"
+)
+# Its internal twin the fusion pass emits (not public API), with the facts of the spellings it replaces:
+#   negative_index  0: skip negative entries (the public op); 1: wrap them as index_put does
+#                   (-M <= t < 0 is token t + M, t < -M an error); 2: every negative entry is an error
+#                   (scatter_add, index_add)
+#   factor_round    as the gather form's: round each factor to float16 / bfloat16 first
+#   scale, addend   out = scale * sum + addend, in float32, rounded once; addend as the gather form's
+#                   (the destination of ``dest.scatter_add(...)`` when it is not zeros)
+SCATTER_FUSED_OP_NAME = "_scatter_mul_sum_fused"
+SCATTER_FUSED_SCHEMA = (
+    f"{SCATTER_FUSED_OP_NAME}(Tensor input, Tensor index, Tensor? factors, SymInt num_tokens, "
+    "ScalarType? out_dtype=None, int negative_index=0, int factor_round=0, float scale=1.0, "
+    "Tensor? addend=None) -> Tensor"
+)
 FACTOR_ROUND = {None: 0, torch.float16: 1, torch.bfloat16: 2}
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -73,6 +106,8 @@ _lib.define(FUNCTIONAL_SCHEMA)
 OUT_IS_FUNCTIONALIZABLE = hasattr(torch.Tag, "out")
 _lib.define(OUT_SCHEMA, tags=(torch.Tag.out,) if OUT_IS_FUNCTIONALIZABLE else ())
 _lib.define(FUSED_SCHEMA)
+_lib.define(SCATTER_SCHEMA)
+_lib.define(SCATTER_FUSED_SCHEMA)
 
 
 def _names(dtypes) -> str:
@@ -280,6 +315,109 @@ def _shuffle_mul_sum_out_fake(input, permutation, factors, *, out):
     check_out(out, input, m, k)
     check_out_no_overlap(out, input, permutation, factors)
     return out
+
+
+
+def check_scatter_args(input: Tensor, index: Tensor, factors: Optional[Tensor], num_tokens,
+                       out_dtype: Optional[torch.dtype]) -> tuple:
+    """Validate the scatter form's arguments; return (R, M, K). Works on real, fake and meta tensors.
+    The C++ kernels run the same checks with the same messages (csrc/shuffle_mul_sum.h)."""
+    p = "moe::scatter_mul_sum: "
+    torch._check(input is not None, lambda: f"{p}input must be a tensor (R, K), got None")
+    torch._check(index is not None, lambda: f"{p}index must be a tensor (R,), got None")
+    torch._check(
+        input.dim() == 2,
+        lambda: f"{p}input must be a 2-D tensor (R, K), got {input.dim()}-D with shape {tuple(input.shape)}",
+    )
+    torch._check(input.dtype in FLOAT_DTYPES,
+                 lambda: f"{p}input must have dtype {_names(FLOAT_DTYPES)}, got {input.dtype}")
+    rows, k = input.shape
+    torch._check(index.dtype in INDEX_DTYPES, lambda: f"{p}index must have dtype int32 or int64, got {index.dtype}")
+    torch._check(
+        index.dim() == 1 and index.shape[0] == rows,
+        lambda: f"{p}index must be a 1-D tensor of input.shape[0] = {rows} entries (R,), got shape "
+        f"{tuple(index.shape)}",
+    )
+    torch._check(index.device == input.device,
+                 lambda: f"{p}index must be on the same device as input ({input.device}), got {index.device}")
+    if factors is not None:
+        torch._check(
+            factors.dim() == 1 and factors.shape[0] == rows,
+            lambda: f"{p}factors must be a 1-D tensor of input.shape[0] = {rows} entries (R,) or None, got shape "
+            f"{tuple(factors.shape)}",
+        )
+        torch._check(factors.dtype in FLOAT_DTYPES,
+                     lambda: f"{p}factors must have dtype {_names(FLOAT_DTYPES)}, got {factors.dtype}")
+        torch._check(factors.device == input.device,
+                     lambda: f"{p}factors must be on the same device as input ({input.device}), got {factors.device}")
+    torch._check(num_tokens >= 0, lambda: f"{p}num_tokens must be >= 0, got {num_tokens}")
+    if out_dtype is not None:
+        torch._check(out_dtype in FLOAT_DTYPES,
+                     lambda: f"{p}out_dtype must be one of {_names(FLOAT_DTYPES)} or None, got {out_dtype}")
+    return rows, num_tokens, k
+
+
+def check_scatter_fused_args(input: Tensor, index: Tensor, factors: Optional[Tensor], num_tokens,
+                             out_dtype: Optional[torch.dtype], negative_index: int, factor_round: int,
+                             addend: Optional[Tensor]) -> tuple:
+    """Validate the internal scatter op's arguments; return (R, M, K)."""
+    p = "moe::scatter_mul_sum: "
+    torch._check(negative_index in (SKIP_NEGATIVE, WRAP_NEGATIVE, NEGATIVE_IS_ERROR),
+                 lambda: f"{p}negative_index must be 0 (skip), 1 (wrap) or 2 (error), got {negative_index}")
+    torch._check(factor_round in FACTOR_ROUND.values(),
+                 lambda: f"{p}factor_round must be 0 (none), 1 (float16) or 2 (bfloat16), got {factor_round}")
+    rows, m, k = check_scatter_args(input, index, factors, num_tokens, out_dtype)
+    if addend is not None:
+        torch._check(addend_fits(addend, m, k),
+                     lambda: f"{p}addend must broadcast to (M, K) = ({m}, {k}) or, with more than 2 dimensions, "
+                     f"hold M*K elements with last dimension K, got {tuple(addend.shape)}")
+        torch._check(addend.dtype in FLOAT_DTYPES,
+                     lambda: f"{p}addend must have dtype {_names(FLOAT_DTYPES)}, got {addend.dtype}")
+        torch._check(addend.device == input.device,
+                     lambda: f"{p}addend must be on the same device as input ({input.device}), got {addend.device}")
+    return rows, m, k
+
+
+@torch.library.register_fake(f"{NAMESPACE}::{SCATTER_OP_NAME}")
+def _scatter_mul_sum_fake(input, index, factors, num_tokens, out_dtype=None):
+    _, m, k = check_scatter_args(input, index, factors, num_tokens, out_dtype)
+    return input.new_empty((m, k), dtype=out_dtype if out_dtype is not None else input.dtype)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::{SCATTER_FUSED_OP_NAME}")
+def _scatter_mul_sum_fused_fake(input, index, factors, num_tokens, out_dtype=None, negative_index=0,
+                                factor_round=0, scale=1.0, addend=None):
+    _, m, k = check_scatter_fused_args(input, index, factors, num_tokens, out_dtype, negative_index,
+                                       factor_round, addend)
+    return input.new_empty((m, k), dtype=out_dtype if out_dtype is not None else input.dtype)
+
+
+def scatter_mul_sum(
+    input: Tensor,
+    index: Tensor,
+    factors: Optional[Tensor],
+    num_tokens: int,
+    *,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """Scatter each row of ``input`` to its token ``index[r]``, scaled by ``factors[r]``, and sum per token.
+
+    Shapes:
+        input:      (R, K)   float32 / float16 / bfloat16 (expert outputs in any order)
+        index:      (R,)     int32 / int64: the token each row belongs to, any index (duplicates, uneven
+                             counts, tokens without rows); negative entries contribute nothing
+        factors:    (R,)     float32 / float16 / bfloat16 (router weight of each row), or None (1)
+        num_tokens: M        the rows of the result
+        returns:    (M, K)   dtype ``out_dtype`` (default: input.dtype)
+
+    Equivalent to (for entries in [0, M))::
+
+        torch.zeros(M, K).index_add_(0, index, input.float() * factors.float()[:, None]).to(out_dtype)
+
+    with one rounding at the end, each token's rows added in increasing r (deterministic on every
+    device). An entry >= M is an error. No autograd formula: backward raises.
+    """
+    return torch.ops.moe.scatter_mul_sum(input, index, factors, num_tokens, out_dtype)
 
 
 def shuffle_mul_sum(

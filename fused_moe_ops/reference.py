@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .ops import (FACTOR_ROUND, SKIP_NEGATIVE, WRAP_NEGATIVE, addend_as_rows, check_args, check_fused_args, check_out,
-                  check_out_no_overlap)
+                  check_out_no_overlap, check_scatter_args, check_scatter_fused_args)
 
 _ROUND_TO = {code: dtype for dtype, code in FACTOR_ROUND.items() if dtype is not None}
 
@@ -135,3 +135,84 @@ def shuffle_mul_sum_reference_out(
     check_out_no_overlap(out, input, permutation, factors)
     out.copy_(shuffle_mul_sum_reference(input, permutation, factors, out.dtype))
     return out
+
+
+# ------------------------------------------------------------------ the scatter form
+
+
+def check_index_range(index: Tensor, num_tokens: int, negative_index: int = SKIP_NEGATIVE) -> None:
+    """The scatter form's range check (check_permutation_range's, for a destination index): entries
+    must be < num_tokens; >= -num_tokens where negative entries wrap; >= 0 where they are an error."""
+    if index.numel() == 0:
+        return
+    if negative_index == SKIP_NEGATIVE:
+        bad = (index >= num_tokens).nonzero()
+        allowed = f"< {num_tokens} (negative entries are skipped)"
+    else:
+        lowest = -num_tokens if negative_index == WRAP_NEGATIVE else 0
+        bad = ((index < lowest) | (index >= num_tokens)).nonzero()
+        allowed = f"in [{lowest}, {num_tokens})"
+    if bad.numel():
+        pos = int(bad[0, 0])
+        raise IndexError(
+            f"moe::scatter_mul_sum: index[{pos}] = {int(index[pos])} is out of range: the result has "
+            f"{num_tokens} rows (num_tokens), so entries must be {allowed}"
+        )
+
+
+def scatter_mul_sum_fused_reference(
+    input: Tensor,
+    index: Tensor,
+    factors: Optional[Tensor],
+    num_tokens: int,
+    out_dtype: Optional[torch.dtype] = None,
+    negative_index: int = SKIP_NEGATIVE,
+    factor_round: int = 0,
+    scale: float = 1.0,
+    addend: Optional[Tensor] = None,
+    *,
+    acc_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The internal scatter op ``moe::_scatter_mul_sum_fused`` (ops.py: SCATTER_FUSED_SCHEMA) in plain
+    PyTorch: ``out[t] = scale * sum_{index[r] = t} factors[r] * input[r] + addend[t]`` in
+    ``acc_dtype``, a token's rows added in increasing r, rounded once.
+
+    Computed on the CPU (CPU ``index_add_`` adds the rows one after the other, in index order; on CUDA it
+    uses atomics, whose order changes the result) and copied back: the fallback of last resort, and the
+    tests' ground truth with ``acc_dtype=torch.float64``.
+    """
+    rows, m, k = check_scatter_fused_args(input, index, factors, num_tokens, out_dtype, negative_index,
+                                          factor_round, addend)
+    m = int(m)
+    check_index_range(index, m, negative_index)
+    device = input.device
+    dest = index.to("cpu", torch.int64)
+    if negative_index == WRAP_NEGATIVE:
+        dest = torch.where(dest < 0, dest + m, dest)
+    live = dest >= 0  # skipped rows: neither the row nor its factor is read
+    contrib = input.to("cpu", acc_dtype)[live]
+    if factors is not None:
+        f = factors.to("cpu")
+        if factor_round:
+            f = f.to(_ROUND_TO[factor_round])
+        contrib = contrib * f.to(acc_dtype)[live].unsqueeze(-1)
+    total = torch.zeros((m, k), dtype=acc_dtype).index_add_(0, dest[live], contrib)
+    if scale != 1.0:
+        total = total * scale
+    if addend is not None:
+        total = total + addend_as_rows(addend.to("cpu"), m, k).to(acc_dtype)
+    return total.to(device=device, dtype=out_dtype if out_dtype is not None else input.dtype)
+
+
+def scatter_mul_sum_reference(
+    input: Tensor,
+    index: Tensor,
+    factors: Optional[Tensor],
+    num_tokens: int,
+    out_dtype: Optional[torch.dtype] = None,
+    *,
+    acc_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``moe::scatter_mul_sum`` in plain PyTorch (the fused reference with its defaults)."""
+    check_scatter_args(input, index, factors, num_tokens, out_dtype)
+    return scatter_mul_sum_fused_reference(input, index, factors, num_tokens, out_dtype, acc_dtype=acc_dtype)
