@@ -8,6 +8,9 @@
           Triton is loaded (both cost import time), unless asked for (build).
     Meta / FakeTensor: ops.py's fake.
 
+The scatter form (``moe::scatter_mul_sum`` and its internal twin): the Triton kernel on CUDA where it
+serves the gather form there, the reference everywhere else.
+
 A fallback is announced with one warning that says why (the compiler's full message is in
 ``python -m fused_moe_ops``).
 """
@@ -107,11 +110,18 @@ def _register_autograd() -> None:
     _lib.impl(SCATTER_FUSED_OP_NAME, _autograd_scatter_fused, "Autograd")
 
 
+# The device keys whose scatter-form ops a kernel already serves (registered by _register_python).
+_SCATTER_SERVED = set()
+
+
 def _register_scatter_reference() -> None:
-    # The scatter form's kernels are the reference on every device until the native ones land.
+    # The scatter form runs on the reference on every device key no kernel of it took (the Triton
+    # kernel takes CUDA where it serves the gather form). Registered after the kernels, so that no key
+    # gets two Python kernels.
     for key in ("CPU", "CUDA"):
-        _lib.impl(SCATTER_OP_NAME, scatter_mul_sum_reference, key)
-        _lib.impl(SCATTER_FUSED_OP_NAME, scatter_mul_sum_fused_reference, key)
+        if key not in _SCATTER_SERVED:
+            _lib.impl(SCATTER_OP_NAME, scatter_mul_sum_reference, key)
+            _lib.impl(SCATTER_FUSED_OP_NAME, scatter_mul_sum_fused_reference, key)
 
 
 def _short(msg: str, limit: int = 300) -> str:
@@ -119,10 +129,15 @@ def _short(msg: str, limit: int = 300) -> str:
     return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
-def _register_python(key: str, functional, out_variant, fused=shuffle_mul_sum_fused_reference) -> None:
+def _register_python(key: str, functional, out_variant, fused=shuffle_mul_sum_fused_reference,
+                     scatter=None, scatter_fused=None) -> None:
     _lib.impl("shuffle_mul_sum", functional, key)
     _lib.impl("shuffle_mul_sum.out", out_variant, key)
     _lib.impl(FUSED_OP_NAME, fused, key)
+    if scatter is not None:
+        _lib.impl(SCATTER_OP_NAME, scatter, key)
+        _lib.impl(SCATTER_FUSED_OP_NAME, scatter_fused, key)
+        _SCATTER_SERVED.add(key)
 
 
 def _reference_functional(input, permutation, factors, out_dtype=None):
@@ -174,9 +189,12 @@ def _setup_cuda() -> None:
     if forced == "triton" or (forced is None and gpu):
         why = _triton_unavailable()
         if why is None:
-            from .triton_kernel import shuffle_mul_sum_fused_triton, shuffle_mul_sum_triton, shuffle_mul_sum_triton_out
+            from .triton_kernel import (scatter_mul_sum_fused_triton, scatter_mul_sum_triton,
+                                        shuffle_mul_sum_fused_triton, shuffle_mul_sum_triton,
+                                        shuffle_mul_sum_triton_out)
 
-            _register_python("CUDA", shuffle_mul_sum_triton, shuffle_mul_sum_triton_out, shuffle_mul_sum_fused_triton)
+            _register_python("CUDA", shuffle_mul_sum_triton, shuffle_mul_sum_triton_out, shuffle_mul_sum_fused_triton,
+                             scatter_mul_sum_triton, scatter_mul_sum_fused_triton)
             ACTIVE["cuda"] = "triton"
             FALLBACK_REASONS["cuda"] = "; ".join(reasons) or "forced by FUSED_MOE_OPS_CUDA_BACKEND"
             return
@@ -203,6 +221,6 @@ def setup() -> None:
         return
     _DONE = True
     _register_autograd()
-    _register_scatter_reference()
     _setup_cpu()
     _setup_cuda()
+    _register_scatter_reference()
