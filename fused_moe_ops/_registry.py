@@ -23,7 +23,7 @@ from typing import Dict, Optional
 import torch
 
 from . import build as _build
-from .ops import FUSED_OP_NAME, QUALNAME, SCATTER_FUSED_OP_NAME, SCATTER_OP_NAME, _lib, check_args, check_out
+from .ops import FUSED_OP_NAME, NAMESPACE, QUALNAME, SCATTER_FUSED_OP_NAME, SCATTER_OP_NAME, _lib, check_args, check_out
 from .reference import (scatter_mul_sum_fused_reference, scatter_mul_sum_reference, shuffle_mul_sum_fused_reference,
                         shuffle_mul_sum_reference, shuffle_mul_sum_reference_out)
 
@@ -40,12 +40,15 @@ class _NoBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, *args):
+        # Named after the public op the caller knows (an internal twin reports its public form's name).
+        scatter = op.name().split("::")[-1] in (SCATTER_OP_NAME, SCATTER_FUSED_OP_NAME)
+        ctx.op_name = f"{NAMESPACE}::{SCATTER_OP_NAME}" if scatter else QUALNAME
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(f"derivative for {QUALNAME} is not implemented (it is an inference op)")
+        raise RuntimeError(f"derivative for {ctx.op_name} is not implemented (it is an inference op)")
 
 
 def _needs_grad(*tensors) -> bool:
@@ -101,7 +104,8 @@ def _autograd_scatter_fused(input, index, factors, num_tokens, out_dtype=None, n
 
 def _register_autograd() -> None:
     """No derivative (an inference op), for every device and every kernel: forward runs under
-    autograd, backward raises "derivative for moe::shuffle_mul_sum is not implemented". A call whose
+    autograd, backward raises "derivative for moe::shuffle_mul_sum is not implemented" (or
+    moe::scatter_mul_sum, for the scatter form). A call whose
     inputs need no grad (inference, torch.no_grad) costs one Python frame."""
     _lib.impl("shuffle_mul_sum", _autograd_functional, "Autograd")
     _lib.impl("shuffle_mul_sum.out", _autograd_out, "Autograd")
