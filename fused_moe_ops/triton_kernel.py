@@ -1,4 +1,5 @@
-"""Triton kernel of ``moe::shuffle_mul_sum`` (the MoE combine step).
+"""Triton kernels of ``moe::shuffle_mul_sum`` (the MoE combine step) and of its scatter form
+``moe::scatter_mul_sum`` (at the end of this file: a sort of the destination index, then a segment sum).
 
     out[i, :] = sum_{j < topk, p = permutation[i*topk + j] >= 0} factors[i, j] * input[p, :]
 
@@ -15,7 +16,8 @@ Where it is used:
 * when forced, for comparison: ``FUSED_MOE_OPS_CUDA_BACKEND=triton`` (or ``cuda`` /
   ``reference``) before ``import fused_moe_ops``;
 * directly: ``fused_moe_ops.triton_kernel.shuffle_mul_sum_triton(input, permutation, factors)``
-  whatever the registry chose (this is what the benchmark tool calls);
+  whatever the registry chose (this is what the benchmark tool calls), and
+  ``scatter_mul_sum_triton(input, index, factors, num_tokens)`` likewise;
 * on CPU tensors with ``TRITON_INTERPRET=1`` set before this module is imported (the CI tests).
 
 Layout: a 2-D grid, axis 0 = token (M, up to 2**31 - 1), axis 1 = a block of BLOCK_K columns.
