@@ -28,7 +28,7 @@ if __name__ == "__main__":  # the Triton worker (below): load the test helpers p
 
 from _moe_testlib import (
     NEGATIVE_FILLERS_I32, NEGATIVE_FILLERS_I64, assert_unmodified, error_bound, gen, make_input, poison_allocator,
-    seed_of, snapshot,
+    run_device_error_child, seed_of, snapshot, to_device,
 )
 
 import fused_moe_ops  # noqa: F401  (registers the ops)
@@ -218,15 +218,17 @@ def assert_scatter_matches_reference(out, x, idx, f, m, mode=SKIP_NEGATIVE, roun
         f"{(err / bound).max().item():.3g}")
 
 
-def check_case(kernel: Kernel, name: str) -> None:
+def check_case(kernel: Kernel, name: str, device: str = "cpu") -> None:
     spec = CASES[name]
-    x, idx, f, a = make_scatter_case(spec, seed_of("scatter", name))
+    cpu = make_scatter_case(spec, seed_of("scatter", name))
+    x, idx, f, a = (to_device(t, device) for t in cpu)
     before = snapshot(x, idx, f, a)
     for out_dtype in (None, torch.float32):
-        poison_allocator(max(spec.m * spec.k * 4, 64), "cpu")
+        poison_allocator(max(spec.m * spec.k * 4, 64), device)
         out = _call(kernel, spec, x, idx, f, a, out_dtype)
-        assert_scatter_matches_reference(out, x, idx, f, spec.m, spec.mode, FACTOR_ROUND[spec.rounding], spec.scale,
-                                         a, out_dtype, f"{kernel.name} {name} out_dtype={out_dtype}")
+        assert out.device == x.device, out.device
+        assert_scatter_matches_reference(out.cpu(), *cpu[:3], spec.m, spec.mode, FACTOR_ROUND[spec.rounding],
+                                         spec.scale, cpu[3], out_dtype, f"{kernel.name} {name} out_dtype={out_dtype}")
     if spec.mode == SKIP_NEGATIVE and not (spec.rounding or spec.scale != 1.0 or a is not None):
         # the public op is the internal one with its defaults
         public = kernel.public(x, idx, f, spec.m)
@@ -611,6 +613,104 @@ def test_harness_catches_a_wrong_answer():
     for wrong in (bf16_acc.float(), leaked, poisoned):
         with pytest.raises(AssertionError):
             assert_scatter_matches_reference(wrong, x, idx, f, spec.m, out_dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The compiled Triton kernel on a GPU (called directly: the op on CUDA may be served by another kernel)
+# ------------------------------------------------------------------------------------------------
+def _triton_on_cuda() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+triton_cuda_only = pytest.mark.skipif(not _triton_on_cuda(), reason="needs a CUDA device and triton")
+
+
+def _same_bits_or_both_nan(a, b) -> bool:
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+@pytest.mark.cuda
+@triton_cuda_only
+@pytest.mark.parametrize("name", list(CASES))
+def test_scatter_triton_cuda(name):
+    """Each case on the compiled kernel; and bitwise the float32 reference (no FMA contraction)."""
+    check_case(triton_kernel(), name, "cuda")
+    spec = CASES[name]
+    x, idx, f, a = make_scatter_case(spec, seed_of("scatter", name))
+    want = scatter_mul_sum_fused_reference(x, idx, f, spec.m, None, spec.mode, FACTOR_ROUND[spec.rounding],
+                                           spec.scale, a)
+    got = _call(triton_kernel(), spec, *(to_device(t, "cuda") for t in (x, idx, f, a))).cpu()
+    assert _same_bits_or_both_nan(got, want), f"{name}: not bitwise the float32 sum in increasing r"
+
+
+@pytest.mark.cuda
+@triton_cuda_only
+@pytest.mark.parametrize("name", [n for n in CHECKS if n != "out-of-range-each-mode"])
+def test_scatter_triton_cuda_semantics(name):
+    """The named checks build CPU tensors: the kernel pair moves them to the GPU and the result back."""
+    tk = triton_kernel()
+
+    def on_cuda(fn):
+        def call(*args):
+            moved = [to_device(t, "cuda") if isinstance(t, torch.Tensor) else t for t in args]
+            return fn(*moved).cpu()
+        return call
+
+    CHECKS[name](Kernel("triton-cuda", on_cuda(tk.public), on_cuda(tk.fused)))
+
+
+@pytest.mark.cuda
+@triton_cuda_only
+def test_scatter_triton_cuda_no_sync_and_graph_capture():
+    """A warm call never waits for the device; captured in a CUDA graph, it replays on new data."""
+    from fused_moe_ops.triton_kernel import scatter_mul_sum_fused_triton as fused
+
+    spec = Spec(r=4096, m=512, k=2048, mode=WRAP_NEGATIVE, addend="same")
+    first = [to_device(t, "cuda") for t in make_scatter_case(spec, 1)]
+    x, idx, f, a = (t.clone() for t in first)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture (compile, autotune)
+        for _ in range(2):
+            fused(x, idx, f, spec.m, None, spec.mode, 0, 1.0, a)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused(x, idx, f, spec.m, None, spec.mode, 0, 1.0, a)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fused(x, idx, f, spec.m, None, spec.mode, 0, 1.0, a)
+    for trial in range(3):
+        case = make_scatter_case(spec, 1 + trial)
+        for dst, src in zip((x, idx, f, a), case):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_scatter_matches_reference(y.cpu(), *case[:3], spec.m, spec.mode, a=case[3], what=f"replay {trial}")
+
+
+@pytest.mark.cuda
+@triton_cuda_only
+@pytest.mark.parametrize("mode,bad", [(SKIP_NEGATIVE, 16), (WRAP_NEGATIVE, -17), (NEGATIVE_IS_ERROR, -1)],
+                         ids=["skip-mode-M", "wrap-mode-below-minus-M", "error-mode-minus-1"])
+def test_scatter_triton_cuda_device_assert_on_out_of_range(mode, bad):
+    """An out-of-range entry trips the device-side assertion (in a child: it poisons the context)."""
+    line = run_device_error_child(f"""
+    import torch
+    from fused_moe_ops.triton_kernel import scatter_mul_sum_fused_triton as fused
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    idx = torch.randint(0, 16, (64,), device="cuda")
+    fused(x, idx, None, 16, None, {mode}); torch.cuda.synchronize()
+    idx[9] = {bad}
+    fused(x, idx, None, 16, None, {mode})""")
+    assert "device-side assert" in line, line  # checked on the device, never on the host
 
 
 # ------------------------------------------------------------------------------------------------
