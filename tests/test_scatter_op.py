@@ -11,6 +11,8 @@ accumulator could not hide behind the output's rounding.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -711,6 +713,60 @@ def test_scatter_triton_cuda_device_assert_on_out_of_range(mode, bad):
     idx[9] = {bad}
     fused(x, idx, None, 16, None, {mode})""")
     assert "device-side assert" in line, line  # checked on the device, never on the host
+
+
+def _recorder(calls, name):
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((name, args, kwargs))
+    return Launch()
+
+
+def test_scatter_triton_machine_code(monkeypatch):
+    """The kernels as _scatter_launch launches them, compiled for sm_90 without a GPU: the index's range
+    check is in the keys kernel's code (a device-side assertion), and the segment sum has no FMA (a
+    product rounded before its add: what makes the GPU's sum bitwise the CPU's)."""
+    pytest.importorskip("triton")
+    from fused_moe_ops import triton_kernel as tk
+    from fused_moe_ops.codegen.triton import _isolated_cache
+
+    if tk.INTERPRET:
+        pytest.skip("triton_kernel was imported under TRITON_INTERPRET=1: nothing to compile")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    jits = {"keys": tk._scatter_keys_kernel, "segment": tk._scatter_segment_sum_kernel.fn}  # under its autotuner
+    calls = []
+    monkeypatch.setattr(tk, "_scatter_keys_kernel", _recorder(calls, "keys"))
+    monkeypatch.setattr(tk, "_scatter_segment_sum_kernel", _recorder(calls, "segment"))
+    x, idx, f, a = make_scatter_case(Spec(addend="same", rounding=torch.bfloat16, scale=0.5), 5)
+    tk._scatter_launch(x, idx, f, torch.empty(7, 20, dtype=x.dtype), 7, 20, SKIP_NEGATIVE, 2, 0.5, a)
+    assert [c[0] for c in calls] == ["keys", "segment"], calls
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    block_k, warps = tk.GPU_CONFIGS[0]
+    ptx = {}
+    for name, args, kwargs in calls:
+        jit = jits[name]
+        if name == "segment":
+            kwargs = dict(kwargs, BLOCK_K=block_k, num_warps=warps, num_stages=1)
+        kwargs = dict(kwargs, debug=jit.debug)
+        binder = create_function_from_signature(jit.signature, jit.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, consts, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+        try:
+            with _isolated_cache(), contextlib.redirect_stdout(io.StringIO()):  # nor read nor fill a user's cache
+                compiled = triton.compile(ASTSource(jit, signature, consts, attrs), target=target,
+                                          options=options.__dict__)
+        except Exception as e:  # noqa: BLE001 - no ptxas / no CUDA backend in this triton
+            pytest.skip(f"cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:200]}")
+        ptx[name] = compiled.asm["ptx"]
+    assert "__assertfail" in ptx["keys"], "the keys kernel lost its device-side range check"
+    assert "fma.rn.f32" not in ptx["segment"], "the segment sum contracts a product and its add into an FMA"
+    assert "mul.rn.f32" in ptx["segment"] or "mul.f32" in ptx["segment"], "no float32 multiply: wrong kernel?"
 
 
 # ------------------------------------------------------------------------------------------------
