@@ -70,7 +70,8 @@ class Spec(NamedTuple):
     mode: int = SKIP_NEGATIVE   # negative_index
     rounding: Optional[torch.dtype] = None
     scale: float = 1.0
-    addend: Optional[str] = None  # "same" (M, K) | "bias" (K,) float32 | "row" (1, K) | "col" (M, 1) | "viewed" (1, M, K)
+    # addend: "same" (M, K) | "bias" (K,) float32 | "row" (1, K) | "col" (M, 1) | "viewed" (1, M, K)
+    addend: Optional[str] = None
     pattern: str = "skewed"     # "skewed": uneven counts, a token with none | "one-token": every row to token M-1
     row_pad: int = 0            # input rows strided (row stride K + pad)
     strided: bool = False       # factors and index non-contiguous views
@@ -220,6 +221,10 @@ def assert_scatter_matches_reference(out, x, idx, f, m, mode=SKIP_NEGATIVE, roun
         f"{(err / bound).max().item():.3g}")
 
 
+def _same_bits_or_both_nan(a, b) -> bool:
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
 def check_case(kernel: Kernel, name: str, device: str = "cpu") -> None:
     spec = CASES[name]
     cpu = make_scatter_case(spec, seed_of("scatter", name))
@@ -234,7 +239,7 @@ def check_case(kernel: Kernel, name: str, device: str = "cpu") -> None:
     if spec.mode == SKIP_NEGATIVE and not (spec.rounding or spec.scale != 1.0 or a is not None):
         # the public op is the internal one with its defaults
         public = kernel.public(x, idx, f, spec.m)
-        assert torch.equal(public, _call(kernel, spec, x, idx, f, a)) or spec.nonfinite, f"{name}: public op differs"
+        assert _same_bits_or_both_nan(public, _call(kernel, spec, x, idx, f, a)), f"{name}: public op differs"
     assert_unmodified(before, x, idx, f, a)
 
 
@@ -257,7 +262,8 @@ def check_eager_spellings(kernel: Kernel) -> None:
         skipped = torch.where(torch.arange(spec.r) % 4 == 1, -1, dest)
         eager = {
             (NEGATIVE_IS_ERROR, "index_add_"): (dest, zeros.clone().index_add_(0, dest, y)),
-            (NEGATIVE_IS_ERROR, "scatter_add_"): (dest, zeros.clone().scatter_add_(0, dest[:, None].expand(-1, spec.k), y)),
+            (NEGATIVE_IS_ERROR, "scatter_add_"): (dest, zeros.clone().scatter_add_(0, dest[:, None].expand(-1, spec.k),
+                                                                                    y)),
             (WRAP_NEGATIVE, "index_put_"): (wrapped, zeros.clone().index_put_((wrapped,), y, accumulate=True)),
             (SKIP_NEGATIVE, "index_add_-kept"): (skipped, zeros.clone().index_add_(0, skipped[skipped >= 0],
                                                                                    y[skipped >= 0])),
@@ -631,10 +637,6 @@ def _triton_on_cuda() -> bool:
 triton_cuda_only = pytest.mark.skipif(not _triton_on_cuda(), reason="needs a CUDA device and triton")
 
 
-def _same_bits_or_both_nan(a, b) -> bool:
-    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
-
-
 @pytest.mark.cuda
 @triton_cuda_only
 @pytest.mark.parametrize("name", list(CASES))
@@ -797,7 +799,8 @@ def _triton_verdicts():
         proc = subprocess.run([sys.executable, str(HERE), "--triton-worker"], env=env, capture_output=True,
                               text=True, timeout=600, cwd=str(HERE.parents[1]))
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("VERDICTS ")), None)
-        assert line is not None, f"triton worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert line is not None, \
+            f"triton worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         _TRITON_VERDICTS = json.loads(line[len("VERDICTS "):])
     return _TRITON_VERDICTS
 
