@@ -8,6 +8,9 @@
           Triton is loaded (both cost import time), unless asked for (build).
     Meta / FakeTensor: ops.py's fake.
 
+The scatter form (``moe::scatter_mul_sum`` and its internal twin): the Triton kernel on CUDA where it
+serves the gather form there, the reference everywhere else.
+
 A fallback is announced with one warning that says why (the compiler's full message is in
 ``python -m fused_moe_ops``).
 """
@@ -20,7 +23,7 @@ from typing import Dict, Optional
 import torch
 
 from . import build as _build
-from .ops import FUSED_OP_NAME, QUALNAME, SCATTER_FUSED_OP_NAME, SCATTER_OP_NAME, _lib, check_args, check_out
+from .ops import FUSED_OP_NAME, NAMESPACE, QUALNAME, SCATTER_FUSED_OP_NAME, SCATTER_OP_NAME, _lib, check_args, check_out
 from .reference import (scatter_mul_sum_fused_reference, scatter_mul_sum_reference, shuffle_mul_sum_fused_reference,
                         shuffle_mul_sum_reference, shuffle_mul_sum_reference_out)
 
@@ -37,12 +40,15 @@ class _NoBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, *args):
+        # Named after the public op the caller knows (an internal twin reports its public form's name).
+        scatter = op.name().split("::")[-1] in (SCATTER_OP_NAME, SCATTER_FUSED_OP_NAME)
+        ctx.op_name = f"{NAMESPACE}::{SCATTER_OP_NAME}" if scatter else QUALNAME
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(f"derivative for {QUALNAME} is not implemented (it is an inference op)")
+        raise RuntimeError(f"derivative for {ctx.op_name} is not implemented (it is an inference op)")
 
 
 def _needs_grad(*tensors) -> bool:
@@ -98,7 +104,8 @@ def _autograd_scatter_fused(input, index, factors, num_tokens, out_dtype=None, n
 
 def _register_autograd() -> None:
     """No derivative (an inference op), for every device and every kernel: forward runs under
-    autograd, backward raises "derivative for moe::shuffle_mul_sum is not implemented". A call whose
+    autograd, backward raises "derivative for moe::shuffle_mul_sum is not implemented" (or
+    moe::scatter_mul_sum, for the scatter form). A call whose
     inputs need no grad (inference, torch.no_grad) costs one Python frame."""
     _lib.impl("shuffle_mul_sum", _autograd_functional, "Autograd")
     _lib.impl("shuffle_mul_sum.out", _autograd_out, "Autograd")
@@ -107,11 +114,18 @@ def _register_autograd() -> None:
     _lib.impl(SCATTER_FUSED_OP_NAME, _autograd_scatter_fused, "Autograd")
 
 
+# The device keys whose scatter-form ops a kernel already serves (registered by _register_python).
+_SCATTER_SERVED = set()
+
+
 def _register_scatter_reference() -> None:
-    # The scatter form's kernels are the reference on every device until the native ones land.
+    # The scatter form runs on the reference on every device key no kernel of it took (the Triton
+    # kernel takes CUDA where it serves the gather form). Registered after the kernels, so that no key
+    # gets two Python kernels.
     for key in ("CPU", "CUDA"):
-        _lib.impl(SCATTER_OP_NAME, scatter_mul_sum_reference, key)
-        _lib.impl(SCATTER_FUSED_OP_NAME, scatter_mul_sum_fused_reference, key)
+        if key not in _SCATTER_SERVED:
+            _lib.impl(SCATTER_OP_NAME, scatter_mul_sum_reference, key)
+            _lib.impl(SCATTER_FUSED_OP_NAME, scatter_mul_sum_fused_reference, key)
 
 
 def _short(msg: str, limit: int = 300) -> str:
@@ -119,10 +133,15 @@ def _short(msg: str, limit: int = 300) -> str:
     return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
-def _register_python(key: str, functional, out_variant, fused=shuffle_mul_sum_fused_reference) -> None:
+def _register_python(key: str, functional, out_variant, fused=shuffle_mul_sum_fused_reference,
+                     scatter=None, scatter_fused=None) -> None:
     _lib.impl("shuffle_mul_sum", functional, key)
     _lib.impl("shuffle_mul_sum.out", out_variant, key)
     _lib.impl(FUSED_OP_NAME, fused, key)
+    if scatter is not None:
+        _lib.impl(SCATTER_OP_NAME, scatter, key)
+        _lib.impl(SCATTER_FUSED_OP_NAME, scatter_fused, key)
+        _SCATTER_SERVED.add(key)
 
 
 def _reference_functional(input, permutation, factors, out_dtype=None):
@@ -174,9 +193,12 @@ def _setup_cuda() -> None:
     if forced == "triton" or (forced is None and gpu):
         why = _triton_unavailable()
         if why is None:
-            from .triton_kernel import shuffle_mul_sum_fused_triton, shuffle_mul_sum_triton, shuffle_mul_sum_triton_out
+            from .triton_kernel import (scatter_mul_sum_fused_triton, scatter_mul_sum_triton,
+                                        shuffle_mul_sum_fused_triton, shuffle_mul_sum_triton,
+                                        shuffle_mul_sum_triton_out)
 
-            _register_python("CUDA", shuffle_mul_sum_triton, shuffle_mul_sum_triton_out, shuffle_mul_sum_fused_triton)
+            _register_python("CUDA", shuffle_mul_sum_triton, shuffle_mul_sum_triton_out, shuffle_mul_sum_fused_triton,
+                             scatter_mul_sum_triton, scatter_mul_sum_fused_triton)
             ACTIVE["cuda"] = "triton"
             FALLBACK_REASONS["cuda"] = "; ".join(reasons) or "forced by FUSED_MOE_OPS_CUDA_BACKEND"
             return
@@ -203,6 +225,6 @@ def setup() -> None:
         return
     _DONE = True
     _register_autograd()
-    _register_scatter_reference()
     _setup_cpu()
     _setup_cuda()
+    _register_scatter_reference()

@@ -1,4 +1,5 @@
-"""Triton kernel of ``moe::shuffle_mul_sum`` (the MoE combine step).
+"""Triton kernels of ``moe::shuffle_mul_sum`` (the MoE combine step) and of its scatter form
+``moe::scatter_mul_sum`` (at the end of this file: a sort of the destination index, then a segment sum).
 
     out[i, :] = sum_{j < topk, p = permutation[i*topk + j] >= 0} factors[i, j] * input[p, :]
 
@@ -15,7 +16,8 @@ Where it is used:
 * when forced, for comparison: ``FUSED_MOE_OPS_CUDA_BACKEND=triton`` (or ``cuda`` /
   ``reference``) before ``import fused_moe_ops``;
 * directly: ``fused_moe_ops.triton_kernel.shuffle_mul_sum_triton(input, permutation, factors)``
-  whatever the registry chose (this is what the benchmark tool calls);
+  whatever the registry chose (this is what the benchmark tool calls), and
+  ``scatter_mul_sum_triton(input, index, factors, num_tokens)`` likewise;
 * on CPU tensors with ``TRITON_INTERPRET=1`` set before this module is imported (the CI tests).
 
 Layout: a 2-D grid, axis 0 = token (M, up to 2**31 - 1), axis 1 = a block of BLOCK_K columns.
@@ -37,7 +39,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import addend_as_rows, check_args, check_fused_args, check_out, check_out_no_overlap
+from .ops import (addend_as_rows, check_args, check_fused_args, check_out, check_out_no_overlap,
+                  check_scatter_fused_args)
 
 try:
     import triton
@@ -254,10 +257,10 @@ def _launch(input: Tensor, permutation: Optional[Tensor], factors: Tensor, dst: 
     )
 
 
-def _check_usable() -> None:
+def _check_usable(op: str = "moe::shuffle_mul_sum") -> None:
     why = unavailable_reason()
     if why is not None:
-        raise RuntimeError(f"moe::shuffle_mul_sum: the Triton kernel cannot run here: {why}")
+        raise RuntimeError(f"{op}: the Triton kernel cannot run here: {why}")
 
 
 def shuffle_mul_sum_triton(
@@ -298,4 +301,179 @@ def shuffle_mul_sum_fused_triton(
     _check_usable()
     _launch(input, None if permutation is None else permutation.reshape(-1), factors, out, m, topk, k,
             negative_index, factor_round, scale, addend, row_mask)
+    return out
+
+
+# ------------------------------------------------------------------ the scatter form
+#
+#     out[t, :] = scale * sum_{r : index[r] = t} f(factors[r]) * input[r, :] + addend[t, :]
+#
+# Not a gather: a token's rows are wherever its index entries are. Three steps, none of which reads a
+# value back to the host (CUDA-graph capturable once autotuned):
+#   1. _scatter_keys_kernel: each entry's destination token (wrapped per negative_index, a skipped entry
+#      -> M, past the last token), its range checked by a device-side assertion (the gather kernel's
+#      mechanism; under the interpreter the host checks the CPU tensors, as for the gather form);
+#   2. torch.sort(keys, stable=True): its indices list each token's rows in increasing r; then
+#      torch.searchsorted of 0..M gives each token's segment of them (no atomics anywhere);
+#   3. _scatter_segment_sum_kernel: one program per (token, block of BLOCK_K columns) adds its
+#      segment's rows one after the other in that order, in float32, with product and sum each rounded
+#      to float32 (launched without FMA contraction), so the result is bitwise the float32 sum of the
+#      token's rows in increasing r, on every device and every launch.
+
+# Rows per step of the segment loop: their order entries, factors and row loads are independent, so
+# a step's loads are all in flight at once (a token of a top-8 router is one step); the adds stay in
+# order. Under the interpreter a small step keeps the tests fast and still crosses step boundaries.
+SCATTER_ROW_BLOCK = 2 if INTERPRET else 8
+SCATTER_KEYS_BLOCK = 1024
+
+if triton is not None:
+
+    @triton.jit(debug=True)  # keeps tl.device_assert, the range check of the index
+    def _scatter_keys_kernel(
+        index_ptr, keys_ptr,
+        R, M,
+        stride_index,
+        NEGATIVE_INDEX: tl.constexpr,  # 0 skip, 1 wrap as index_put, 2 error (ops.py: SCATTER_FUSED_SCHEMA)
+        BLOCK: tl.constexpr,
+    ):
+        r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        in_range = r < R
+        t = tl.load(index_ptr + r * stride_index, mask=in_range, other=0).to(tl.int64)
+        if NEGATIVE_INDEX == 0:
+            tl.device_assert((t < M) | ~in_range, "moe::scatter_mul_sum: index entry >= num_tokens")
+            valid = t < M
+            key = tl.where(t < 0, M, t)
+        elif NEGATIVE_INDEX == 1:
+            tl.device_assert(((t < M) & (t >= -M)) | ~in_range,
+                             "moe::scatter_mul_sum: index entry outside [-num_tokens, num_tokens)")
+            valid = (t < M) & (t >= -M)
+            key = tl.where(t < 0, t + M, t)
+        else:
+            tl.device_assert(((t < M) & (t >= 0)) | ~in_range,
+                             "moe::scatter_mul_sum: index entry outside [0, num_tokens)")
+            valid = (t < M) & (t >= 0)
+            key = t
+        # An entry the assertion rejects sorts past the last token too: nothing reads memory by it.
+        key = tl.where(valid, key, M)
+        tl.store(keys_ptr + r, key.to(keys_ptr.dtype.element_ty), mask=in_range)
+
+    @_autotune(configs=_configs(), key=["K", "M_CLASS"])
+    @triton.jit
+    def _scatter_segment_sum_kernel(
+        in_ptr, order_ptr, start_ptr, fac_ptr, out_ptr, add_ptr,
+        K,
+        stride_in, stride_f, stride_out, stride_add,
+        scale,
+        M_CLASS,
+        HAS_FACTORS: tl.constexpr,
+        FACTOR_ROUND: tl.constexpr,  # 0 none, 1 float16, 2 bfloat16
+        HAS_SCALE: tl.constexpr,
+        HAS_ADDEND: tl.constexpr,
+        ROUND_BF16_RNE: tl.constexpr,
+        ROW_BLOCK: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        kb = tl.program_id(1).to(tl.int64)
+        cols = kb * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+        col_ok = cols < K
+        begin = tl.load(start_ptr + t)
+        end = tl.load(start_ptr + t + 1)
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for s0 in range(begin, end, ROW_BLOCK):
+            for i in tl.static_range(ROW_BLOCK):
+                s = s0 + i
+                live = s < end
+                r = tl.load(order_ptr + s, mask=live, other=0)
+                # A step's slot past the segment loads nothing and adds +0.0, which changes no sum (acc
+                # starts at +0.0 and a float32 sum never becomes -0.0 from there).
+                x = tl.load(in_ptr + r * stride_in + cols, mask=live & col_ok, other=0.0).to(tl.float32)
+                if HAS_FACTORS:
+                    w = tl.load(fac_ptr + r * stride_f, mask=live, other=0.0).to(tl.float32)
+                    if FACTOR_ROUND == 1:
+                        w = w.to(tl.float16).to(tl.float32)
+                    elif FACTOR_ROUND == 2:
+                        w = _round_to_bf16(w)
+                    x = x * w
+                acc += x
+        if HAS_SCALE:
+            acc = acc * scale
+        if HAS_ADDEND:
+            acc += tl.load(add_ptr + t * stride_add + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if ROUND_BF16_RNE:
+            acc = _round_to_bf16(acc)  # the interpreter's bfloat16 cast truncates (as in the gather kernel)
+        tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _scatter_launch(input: Tensor, index: Tensor, factors: Optional[Tensor], dst: Tensor, m: int, k: int,
+                    negative_index: int = 0, factor_round: int = 0, scale: float = 1.0,
+                    addend: Optional[Tensor] = None) -> None:
+    """Write the scatter form's result into ``dst`` ((M, K), dense rows). No host synchronisation."""
+    rows = input.shape[0]
+    device = input.device
+    if INTERPRET:
+        # As in _launch: the interpreter ignores tl.device_assert; these are CPU tensors, nothing to sync.
+        from .reference import check_index_range
+
+        check_index_range(index, m, negative_index)
+    # int32 keys sort faster; M itself (the skipped entries' key) must fit.
+    keys = torch.empty(rows, dtype=torch.int32 if m < 2**31 - 1 else torch.int64, device=device)
+    if rows:
+        # Before any early return: an out-of-range entry is an error whatever M and K are.
+        _scatter_keys_kernel[(triton.cdiv(rows, SCATTER_KEYS_BLOCK),)](
+            index, keys, rows, m, index.stride(0), NEGATIVE_INDEX=negative_index, BLOCK=SCATTER_KEYS_BLOCK)
+    if m == 0 or k == 0:
+        return
+    if rows == 0:
+        # No row reaches any token; the kernel reads nothing but must not get null pointers.
+        starts = torch.zeros(m + 1, dtype=torch.int64, device=device)
+        order = starts
+        input = torch.zeros((1, 1), dtype=input.dtype, device=device)
+    else:
+        sorted_keys, order = torch.sort(keys, stable=True)
+        starts = torch.searchsorted(sorted_keys, torch.arange(m + 1, dtype=keys.dtype, device=device))
+        if k > 1 and input.stride(1) != 1:
+            input = input.contiguous()
+    if addend is not None:
+        addend = addend_as_rows(addend, m, k)
+        if k > 1 and addend.stride(1) != 1:
+            addend = addend.contiguous()
+    has_factors = factors is not None and rows > 0
+    grid = lambda meta: (m, triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+    _scatter_segment_sum_kernel[grid](
+        input, order, starts, factors if has_factors else input, dst, addend if addend is not None else dst,
+        k,
+        input.stride(0), factors.stride(0) if has_factors else 0, dst.stride(0),
+        addend.stride(0) if addend is not None else 0,
+        float(scale),
+        _m_class(m),
+        HAS_FACTORS=has_factors,
+        FACTOR_ROUND=factor_round,
+        HAS_SCALE=scale != 1.0,
+        HAS_ADDEND=addend is not None,
+        ROUND_BF16_RNE=INTERPRET and dst.dtype == torch.bfloat16,
+        ROW_BLOCK=SCATTER_ROW_BLOCK,
+        # A product rounded to float32 before its add, as the reference's float32 sum has it: no FMA.
+        enable_fp_fusion=False,
+    )
+
+
+def scatter_mul_sum_triton(input: Tensor, index: Tensor, factors: Optional[Tensor], num_tokens: int,
+                           out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``moe::scatter_mul_sum`` on the Triton kernel (same contract as torch.ops.moe.scatter_mul_sum)."""
+    return scatter_mul_sum_fused_triton(input, index, factors, num_tokens, out_dtype)
+
+
+def scatter_mul_sum_fused_triton(
+    input: Tensor, index: Tensor, factors: Optional[Tensor], num_tokens: int,
+    out_dtype: Optional[torch.dtype] = None, negative_index: int = 0, factor_round: int = 0, scale: float = 1.0,
+    addend: Optional[Tensor] = None,
+) -> Tensor:
+    """The internal op ``moe::_scatter_mul_sum_fused`` (ops.py: SCATTER_FUSED_SCHEMA) on the Triton kernel."""
+    _, m, k = check_scatter_fused_args(input, index, factors, num_tokens, out_dtype, negative_index, factor_round,
+                                       addend)
+    m = int(m)
+    out = torch.empty((m, k), dtype=out_dtype if out_dtype is not None else input.dtype, device=input.device)
+    _check_usable("moe::scatter_mul_sum")
+    _scatter_launch(input, index, factors, out, m, k, negative_index, factor_round, scale, addend)
     return out
