@@ -31,6 +31,8 @@ CUDA_BACKENDS = ("cuda", "triton", "reference")
 # What serves each device key: "cpp", "cuda", "triton" or "reference".
 ACTIVE: Dict[str, str] = {}
 FALLBACK_REASONS: Dict[str, str] = {}
+# What serves the scatter form (moe::scatter_mul_sum, _scatter_mul_sum_fused) on each device key.
+SCATTER_ACTIVE: Dict[str, str] = {}
 
 
 class _NoBackward(torch.autograd.Function):
@@ -113,6 +115,7 @@ def _register_scatter_reference(key: str) -> None:
     """The scatter form on the reference, for a device key its native kernel does not serve."""
     _lib.impl(SCATTER_OP_NAME, scatter_mul_sum_reference, key)
     _lib.impl(SCATTER_FUSED_OP_NAME, scatter_mul_sum_fused_reference, key)
+    SCATTER_ACTIVE[key.lower()] = "reference"
 
 
 def _short(msg: str, limit: int = 300) -> str:
@@ -138,6 +141,7 @@ def _setup_cpu() -> None:
                       "ignored, the CPU kernel keeps its default", RuntimeWarning, stacklevel=3)
     if result.ok:
         ACTIVE["cpu"] = "cpp"
+        SCATTER_ACTIVE["cpu"] = "cpp"  # the library registers both forms
         return
     reason = result.skipped or _short(result.error or "unknown error")
     FALLBACK_REASONS["cpu"] = reason
