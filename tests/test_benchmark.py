@@ -239,11 +239,11 @@ def test_scatter_mode_tiny(tmp_path, capsys):
     """--scatter: op, eager index_add_ and Inductor (pass off) timed per shape, their ratios, each checked
     against the float64 reference."""
     out = tmp_path / "sc.json"
-    rc, stdout, stderr = run_in_process(capsys, *FAST, "--scatter", "--dtype", "bf16", "--m", "1,3", "--k", "16",
+    rc, stdout, stderr = run_in_process(capsys, *FAST, "--scatter", "--dtype", "bf16", "--m", "3", "--k", "16",
                                         "--topk", "2", "--json", str(out))
     assert rc == 0, stdout + stderr
     rows = json.loads(out.read_text())["scatter_rows"]
-    assert [(r["M"], r["topk"], r["K"]) for r in rows] == [(1, 2, 16), (3, 2, 16)]
+    assert [(r["M"], r["topk"], r["K"]) for r in rows] == [(3, 2, 16)]
     for r in rows:
         assert r["eager_over_op"] == pytest.approx(r["eager_s"] / r["op_s"])
         assert r["inductor_over_op"] == pytest.approx(r["inductor_s"] / r["op_s"])
