@@ -142,3 +142,12 @@ OPCHECK = list(_opcheck_samples())
 def test_scatter_opcheck(op, args):
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                                 "test_aot_dispatch_dynamic"))
+
+
+def test_scatter_no_elements_needs_no_scratch_per_token():
+    """K = 0: the result has no elements however many tokens; the range is still checked, and nothing
+    of size M is allocated (2**40 tokens would be 8 TiB of sort scratch)."""
+    out = scatter_fused(torch.randn(3, 0), torch.tensor([-1, -2, -3]), None, 2 ** 40)
+    assert out.shape == (2 ** 40, 0)
+    with pytest.raises(IndexError, match=r"index\[1\] = 5 is out of range"):
+        scatter_fused(torch.randn(3, 0), torch.tensor([0, 5, 1]), None, 2)
