@@ -151,3 +151,13 @@ def test_scatter_no_elements_needs_no_scratch_per_token():
     assert out.shape == (2 ** 40, 0)
     with pytest.raises(IndexError, match=r"index\[1\] = 5 is out of range"):
         scatter_fused(torch.randn(3, 0), torch.tensor([0, 5, 1]), None, 2)
+
+
+def test_scatter_token_without_rows_gets_scale_times_zero_plus_addend():
+    """scale * 0 + addend for a token no row reaches: the addend for a finite scale, NaN for an infinite
+    one (0 * inf), as the reference computes it."""
+    x, index, a = torch.randn(4, 40), torch.tensor([0, 2, 2, -1]), torch.randn(3, 40)
+    finite = scatter_fused(x, index, None, 3, None, SKIP_NEGATIVE, 0, -2.0, a)
+    assert torch.equal(finite[1], a[1])
+    infinite = scatter_fused(x, index, None, 3, None, SKIP_NEGATIVE, 0, float("inf"), a)
+    assert infinite[1].isnan().all() and infinite[[0, 2]].isinf().all()
