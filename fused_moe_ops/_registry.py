@@ -1,15 +1,14 @@
 """Which implementation serves ``moe::shuffle_mul_sum`` on each device, decided once at import.
 
     CPU : the C++ kernel (csrc/shuffle_mul_sum_cpu.cpp); if it could not be built, the reference.
+          The scatter form (moe::scatter_mul_sum, _scatter_mul_sum_fused) alike.
     CUDA: the C++ CUDA kernel (csrc/shuffle_mul_sum_cuda.cu); if it could not be built, the Triton
           kernel (fused_moe_ops/triton_kernel.py); if Triton is missing, the reference.
           FUSED_MOE_OPS_CUDA_BACKEND=cuda|triton|reference forces one. Where no GPU is visible no CUDA
           tensor can reach the op: the CUDA key gets the reference, and neither the CUDA library nor
-          Triton is loaded (both cost import time), unless asked for (build).
+          Triton is loaded (both cost import time), unless asked for (build). The scatter form: the
+          Triton kernel where it serves the gather form, else the reference.
     Meta / FakeTensor: ops.py's fake.
-
-The scatter form (``moe::scatter_mul_sum`` and its internal twin): the Triton kernel on CUDA where it
-serves the gather form there, the reference everywhere else.
 
 A fallback is announced with one warning that says why (the compiler's full message is in
 ``python -m fused_moe_ops``).
@@ -32,6 +31,8 @@ CUDA_BACKENDS = ("cuda", "triton", "reference")
 # What serves each device key: "cpp", "cuda", "triton" or "reference".
 ACTIVE: Dict[str, str] = {}
 FALLBACK_REASONS: Dict[str, str] = {}
+# What serves the scatter form (moe::scatter_mul_sum, _scatter_mul_sum_fused) on each device key.
+SCATTER_ACTIVE: Dict[str, str] = {}
 
 
 class _NoBackward(torch.autograd.Function):
@@ -114,18 +115,11 @@ def _register_autograd() -> None:
     _lib.impl(SCATTER_FUSED_OP_NAME, _autograd_scatter_fused, "Autograd")
 
 
-# The device keys whose scatter-form ops a kernel already serves (registered by _register_python).
-_SCATTER_SERVED = set()
-
-
-def _register_scatter_reference() -> None:
-    # The scatter form runs on the reference on every device key no kernel of it took (the Triton
-    # kernel takes CUDA where it serves the gather form). Registered after the kernels, so that no key
-    # gets two Python kernels.
-    for key in ("CPU", "CUDA"):
-        if key not in _SCATTER_SERVED:
-            _lib.impl(SCATTER_OP_NAME, scatter_mul_sum_reference, key)
-            _lib.impl(SCATTER_FUSED_OP_NAME, scatter_mul_sum_fused_reference, key)
+def _register_scatter_reference(key: str) -> None:
+    """The scatter form on the reference, for a device key its native kernel does not serve."""
+    _lib.impl(SCATTER_OP_NAME, scatter_mul_sum_reference, key)
+    _lib.impl(SCATTER_FUSED_OP_NAME, scatter_mul_sum_fused_reference, key)
+    SCATTER_ACTIVE[key.lower()] = "reference"
 
 
 def _short(msg: str, limit: int = 300) -> str:
@@ -141,7 +135,6 @@ def _register_python(key: str, functional, out_variant, fused=shuffle_mul_sum_fu
     if scatter is not None:
         _lib.impl(SCATTER_OP_NAME, scatter, key)
         _lib.impl(SCATTER_FUSED_OP_NAME, scatter_fused, key)
-        _SCATTER_SERVED.add(key)
 
 
 def _reference_functional(input, permutation, factors, out_dtype=None):
@@ -156,10 +149,12 @@ def _setup_cpu() -> None:
                       "ignored, the CPU kernel keeps its default", RuntimeWarning, stacklevel=3)
     if result.ok:
         ACTIVE["cpu"] = "cpp"
+        SCATTER_ACTIVE["cpu"] = "cpp"  # the library registers both forms
         return
     reason = result.skipped or _short(result.error or "unknown error")
     FALLBACK_REASONS["cpu"] = reason
     _register_python("CPU", _reference_functional, shuffle_mul_sum_reference_out)
+    _register_scatter_reference("CPU")
     ACTIVE["cpu"] = "reference"
     if not result.skipped:
         warnings.warn(
@@ -188,6 +183,7 @@ def _setup_cuda() -> None:
         result = _build.build_cuda(on_import=True)
         if result.ok:
             ACTIVE["cuda"] = "cuda"
+            _register_scatter_reference("CUDA")  # the CUDA library serves the gather form only
             return
         reasons.append(f"CUDA kernel not built: {result.skipped or _short(result.error or '')}")
     if forced == "triton" or (forced is None and gpu):
@@ -200,10 +196,12 @@ def _setup_cuda() -> None:
             _register_python("CUDA", shuffle_mul_sum_triton, shuffle_mul_sum_triton_out, shuffle_mul_sum_fused_triton,
                              scatter_mul_sum_triton, scatter_mul_sum_fused_triton)
             ACTIVE["cuda"] = "triton"
+            SCATTER_ACTIVE["cuda"] = "triton"
             FALLBACK_REASONS["cuda"] = "; ".join(reasons) or "forced by FUSED_MOE_OPS_CUDA_BACKEND"
             return
         reasons.append(why)
     _register_python("CUDA", _reference_functional, shuffle_mul_sum_reference_out)
+    _register_scatter_reference("CUDA")
     ACTIVE["cuda"] = "reference"
     FALLBACK_REASONS["cuda"] = "; ".join(reasons) or "forced by FUSED_MOE_OPS_CUDA_BACKEND"
     # Only worth a warning where CUDA tensors can actually reach the op.
@@ -227,4 +225,3 @@ def setup() -> None:
     _register_autograd()
     _setup_cpu()
     _setup_cuda()
-    _register_scatter_reference()
