@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 SOURCES = [HERE / "runner.cpp", HERE / "selftest.cpp", HERE / "cuda_emulator.h", CSRC / "shuffle_mul_sum_cuda_device.cuh",
-           CSRC / "shuffle_mul_sum.h"]
+           CSRC / "scatter_mul_sum_cuda_device.cuh", CSRC / "shuffle_mul_sum.h"]
 # runner: the kernel fed cases by emulated.py; selftest: the emulator's own checks on small kernels.
 PROGRAMS = ("runner", "selftest")
 
