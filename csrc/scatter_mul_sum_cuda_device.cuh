@@ -12,9 +12,11 @@
 //      gather at the end, past every segment.
 //   3. scatter_segment_sum_kernel: block (t, slice) finds token t's segment [lower_bound(t),
 //      lower_bound(t + 1)) in the sorted keys, stages the segment's row numbers and factors in shared
-//      memory, kChunk at a time, and accumulates and stores exactly as the gather kernel does
-//      (accumulate / store of shuffle_mul_sum_cuda_device.cuh: VEC-wide 16-byte loads when the rows
-//      allow, the scalar path otherwise). A segment of any length runs, in chunks.
+//      memory, kChunk at a time, and accumulates and stores as the gather kernel does (accumulate /
+//      store of shuffle_mul_sum_cuda_device.cuh: VEC-wide 16-byte loads when the rows allow, the scalar
+//      path otherwise), but with each product rounded to float32 before it is added (no FMA): the
+//      result is bitwise the float32 reference's (`input * factors`, then index_add_ in r order), as
+//      the CPU and Triton kernels' is. A segment of any length runs, in chunks.
 //
 // Like shuffle_mul_sum_cuda_device.cuh (included first), one source for nvcc and for the tests' CPU
 // grid emulator: CUDA builtins only as the emulator maps them, shared memory only through FMO_SHARED.
@@ -134,14 +136,14 @@ __global__ void __launch_bounds__(kMaxThreads) scatter_segment_sum_kernel(const 
 #pragma unroll
     for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
     if (one_chunk) {
-      if (c < P.k) accumulate<in_t, VEC>(P, s_rows, s_w, static_cast<int>(n), c, acc);
+      if (c < P.k) accumulate<in_t, VEC, true>(P, s_rows, s_w, static_cast<int>(n), c, acc);
     } else {
       for (int64_t s0 = 0; s0 < n; s0 += kChunk) {  // chunks in order: rows still added in increasing r
         const int64_t chunk = std::min<int64_t>(kChunk, n - s0);
         __syncthreads();  // the previous chunk's slots are no longer read
         stage_segment(S, first + s0, chunk, s_rows, s_w);
         __syncthreads();
-        if (c < P.k) accumulate<in_t, VEC>(P, s_rows, s_w, static_cast<int>(chunk), c, acc);
+        if (c < P.k) accumulate<in_t, VEC, true>(P, s_rows, s_w, static_cast<int>(chunk), c, acc);
       }
     }
     if (c < P.k) store<in_t, out_t, VEC>(P, t, c, acc);

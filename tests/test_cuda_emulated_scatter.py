@@ -47,18 +47,16 @@ def destinations(index: torch.Tensor, m: int, negative_index: int) -> torch.Tens
 
 
 def fp32_in_order(c: ScatterCall) -> torch.Tensor:
-    """The kernels' result, bit for bit: acc = fma(f_r, x_r, acc) over each token's rows in increasing r.
-    The fma in float64: the product of two float32 values is exact there; the sum then rounds to
-    float64 and to float32, which differs from one rounding only where the float64 sum lands exactly on
-    a float32 rounding boundary (about 2^-29 of additions; the data are seeded: a case that passes once
-    always passes)."""
+    """The kernels' result, bit for bit: per token, ``acc = acc + f_r * x_r`` over its rows in increasing
+    r, the product rounded to float32 before the add (no FMA: the float32 reference's ``input * factors``
+    then index_add_), then ``* scale``, ``+ addend``, one rounding."""
     m, k = c.num_tokens, c.input.shape[1]
     dest = destinations(c.index, m, c.negative_index)
-    x = c.input.double()
-    f = torch.ones(len(dest), dtype=torch.float64) if c.factors is None else c.factors
+    x = c.input.float()
+    f = torch.ones(len(dest)) if c.factors is None else c.factors
     if c.factors is not None and c.factor_round:
         f = f.to(_ROUND_TO[c.factor_round])
-    f = f.double() if c.factors is not None else f
+    f = f.float()
     acc = torch.zeros(m, k, dtype=torch.float32)
     live = (dest >= 0).nonzero().flatten()
     rank = torch.zeros(len(dest), dtype=torch.long)  # a row's place among its token's rows (r order)
@@ -70,7 +68,7 @@ def fp32_in_order(c: ScatterCall) -> torch.Tensor:
     for j in range(max(seen.values(), default=0)):
         rows = live[rank[live] == j]
         tok = dest[rows]
-        acc[tok] = (f[rows, None] * x[rows] + acc[tok].double()).float()
+        acc[tok] = acc[tok] + f[rows, None] * x[rows]
     if c.scale != 1.0:
         acc = acc * torch.tensor(c.scale, dtype=torch.float32)
     if c.addend is not None:
@@ -123,6 +121,10 @@ def run_scatter_checked(calls):
         key = id(c.input), id(c.index), c.out_dtype, c.negative_index, c.factor_round, c.scale, id(c.addend)
         if key not in checked:
             assert_matches_float64(r.out, c, what)
+            reference32 = scatter_mul_sum_fused_reference(c.input, c.index, c.factors, c.num_tokens, c.out_dtype,
+                                                          c.negative_index, c.factor_round, c.scale, c.addend)
+            torch.testing.assert_close(r.out, reference32, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda msg: f"{what}: not bitwise the float32 reference: {msg}")
             checked.add(key)
     return results
 

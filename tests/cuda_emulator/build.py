@@ -38,7 +38,9 @@ VARIANTS = {
     "sanitized": ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
 }
 # -fno-strict-aliasing: the kernel's 16-byte reinterpret_cast loads. Never -ffast-math: it folds isfinite.
-COMMON_FLAGS = ["-std=c++17", "-g", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-Werror"]
+# -ffp-contract=off: a * b + c stays two roundings where the device code asks for two (__fmul_rn / __fadd_rn).
+COMMON_FLAGS = ["-std=c++17", "-g", "-fno-strict-aliasing", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
+                "-Werror"]
 
 # The sanitizer runtime's settings for the sanitized runner (the fiber stacks are switched by hand).
 SANITIZER_ENV = {
