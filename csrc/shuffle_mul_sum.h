@@ -228,6 +228,7 @@ inline OwnedHandle empty_rows_like(const TensorRef& like, int64_t m, int64_t k, 
 }
 
 #define FMO_PREFIX "moe::shuffle_mul_sum: "
+#define FMO_SCATTER_PREFIX "moe::scatter_mul_sum: "
 
 struct CombineShape {
   int64_t m;     // output rows (tokens)
@@ -596,10 +597,12 @@ inline OwnedHandle take_optional_tensor(StableIValue v) {
 
 // A `Tensor` (not `Tensor?`) argument given as None reaches a kernel as an undefined tensor, whose
 // metadata cannot be read: named here, with what was expected (ops.check_defined's message).
-inline TensorRef required(const OwnedHandle& h, const char* name, const char* expected) {
+// `prefix`: the op whose message it is (FMO_PREFIX, or FMO_SCATTER_PREFIX for the scatter form).
+inline TensorRef required(const OwnedHandle& h, const char* name, const char* expected,
+                          const char* prefix = FMO_PREFIX) {
   bool defined = false;
   shim_check(aoti_torch_is_defined(h.get(), &defined), "aoti_torch_is_defined");
-  FMO_CHECK(defined, FMO_PREFIX, name, " must be a tensor ", expected, ", got None");
+  FMO_CHECK(defined, prefix, name, " must be a tensor ", expected, ", got None");
   return TensorRef(h.get());
 }
 
@@ -656,6 +659,216 @@ void fused(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
   o.addend = ref_if(addend);
   o.row_mask = ref_if(row_mask);
   OwnedHandle out = shuffle_mul_sum_fused<combine>(input_ref, ref_if(permutation), factors_ref, out_dtype, o);
+  stack[0] = torch::stable::detail::from(out.release());
+}
+
+}  // namespace boxed
+
+// ==== the scatter form: moe::scatter_mul_sum and moe::_scatter_mul_sum_fused ========================
+//
+//   out[t, :] = scale * sum_{r < R, index[r] = t} f(factors[r]) * input[r, :] + addend[t, :]
+//
+// in float32, each token's rows added in increasing r (deterministic: no atomics whose order changes
+// the result), rounded once (ops.py documents the schemas; fused_moe_ops/reference.py is the spec).
+// The checks below carry exactly the messages of ops.check_scatter_args / check_scatter_fused_args.
+//
+// What a device's file provides: one ScatterFn, registered as
+//     m.impl("scatter_mul_sum", &boxed::scatter<scatter_xxx>);
+//     m.impl("_scatter_mul_sum_fused", &boxed::scatter_fused<scatter_xxx>);
+// It is called with the arguments checked (shapes, dtypes, devices, options), `input`'s last dimension
+// dense (rows any stride), the addend (if any) as (M, K) rows with a dense last dimension and row stride
+// addend_row_stride(addend) (0: one row for every token), and `dst` a fresh row-major (M, K) tensor
+// of the output dtype. It must
+//   - check the index's range (scatter_index_lowest .. M): on the host with fail_scatter_index's
+//     IndexError before anything is written (CPU), or in its own way on the device (CUDA); also when
+//     M, K or R is 0 (an index entry >= 0 with M = 0 is out of range);
+//   - write every element of dst: zeros (scaled: 0, plus the addend) for a token no row reaches;
+//   - launch nothing when dst has no elements or R = 0 leaves nothing to add beyond zeros / the addend.
+
+struct ScatterShape {
+  int64_t rows;  // R: rows of input, entries of index (and of factors)
+  int64_t m;     // num_tokens: rows of the result
+  int64_t k;     // hidden size
+};
+
+struct ScatterOptions {
+  int64_t negative_index = kSkipNegative;  // kWrapNegative: -M <= t < 0 is token t + M (index_put)
+  int64_t factor_round = kNoRound;         // round each factor to float16 / bfloat16 first
+  float scale = 1.f;                       // out = scale * sum + addend, in float32, rounded once
+  std::optional<TensorRef> addend;         // broadcastable to (M, K), or M*K elements (addend_fits)
+};
+
+// The index as kernels read it: entry r at data[r * stride], int32 or int64.
+struct IndexLayout {
+  const void* data = nullptr;
+  bool is_int32 = false;
+  int64_t stride = 1;
+};
+
+inline IndexLayout index_layout(const TensorRef& index) {
+  IndexLayout l;
+  l.data = index.data_ptr();
+  l.is_int32 = dtype_of(index) == ScalarType::Int;
+  l.stride = index.dim() == 1 ? index.stride(0) : 1;
+  return l;
+}
+
+inline void check_scatter_options(int64_t negative_index, int64_t factor_round) {
+  FMO_CHECK(negative_index >= kSkipNegative && negative_index <= kNegativeIsError,
+            FMO_SCATTER_PREFIX "negative_index must be 0 (skip), 1 (wrap) or 2 (error), got ", negative_index);
+  FMO_CHECK(factor_round >= kNoRound && factor_round <= kRoundToBFloat16,
+            FMO_SCATTER_PREFIX "factor_round must be 0 (none), 1 (float16) or 2 (bfloat16), got ", factor_round);
+}
+
+inline ScatterShape check_scatter_args(const TensorRef& input, const TensorRef& index,
+                                       const std::optional<TensorRef>& factors, int64_t num_tokens,
+                                       std::optional<ScalarType> out_dtype) {
+  FMO_CHECK(input.dim() == 2, FMO_SCATTER_PREFIX "input must be a 2-D tensor (R, K), got ", input.dim(),
+            "-D with shape ", shape_str(input));
+  FMO_CHECK(is_supported_float(dtype_of(input)),
+            FMO_SCATTER_PREFIX "input must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(input)));
+  const int64_t rows = input.size(0);
+  FMO_CHECK(dtype_of(index) == ScalarType::Int || dtype_of(index) == ScalarType::Long,
+            FMO_SCATTER_PREFIX "index must have dtype int32 or int64, got ", dtype_str(dtype_of(index)));
+  FMO_CHECK(index.dim() == 1 && index.size(0) == rows, FMO_SCATTER_PREFIX "index must be a 1-D tensor of input.shape[0] = ",
+            rows, " entries (R,), got shape ", shape_str(index));
+  const Place pi = place_of(input);
+  FMO_CHECK(place_of(index) == pi, FMO_SCATTER_PREFIX "index must be on the same device as input (", place_str(pi),
+            "), got ", place_str(place_of(index)));
+  if (factors.has_value()) {
+    const TensorRef& f = *factors;
+    FMO_CHECK(f.dim() == 1 && f.size(0) == rows, FMO_SCATTER_PREFIX "factors must be a 1-D tensor of input.shape[0] = ",
+              rows, " entries (R,) or None, got shape ", shape_str(f));
+    FMO_CHECK(is_supported_float(dtype_of(f)),
+              FMO_SCATTER_PREFIX "factors must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(f)));
+    FMO_CHECK(place_of(f) == pi, FMO_SCATTER_PREFIX "factors must be on the same device as input (", place_str(pi),
+              "), got ", place_str(place_of(f)));
+  }
+  FMO_CHECK(num_tokens >= 0, FMO_SCATTER_PREFIX "num_tokens must be >= 0, got ", num_tokens);
+  if (out_dtype.has_value()) {
+    FMO_CHECK(is_supported_float(*out_dtype),
+              FMO_SCATTER_PREFIX "out_dtype must be one of float32, float16, bfloat16 or None, got ",
+              dtype_str(*out_dtype));
+  }
+  return ScatterShape{rows, num_tokens, input.size(1)};
+}
+
+// The internal op's checks after the options' own (check_scatter_options, which come first, as in
+// ops.check_scatter_fused_args): the public op's, then the addend's.
+inline ScatterShape check_scatter_fused_args(const TensorRef& input, const TensorRef& index,
+                                             const std::optional<TensorRef>& factors, int64_t num_tokens,
+                                             std::optional<ScalarType> out_dtype, const ScatterOptions& o) {
+  const ScatterShape s = check_scatter_args(input, index, factors, num_tokens, out_dtype);
+  if (o.addend.has_value()) {
+    const TensorRef& a = *o.addend;
+    FMO_CHECK(addend_fits(a, s.m, s.k), FMO_SCATTER_PREFIX "addend must broadcast to (M, K) = (", s.m, ", ", s.k,
+              ") or, with more than 2 dimensions, hold M*K elements with last dimension K, got ", shape_str(a));
+    FMO_CHECK(is_supported_float(dtype_of(a)),
+              FMO_SCATTER_PREFIX "addend must have dtype float32, float16, bfloat16, got ", dtype_str(dtype_of(a)));
+    const Place pi = place_of(input);
+    FMO_CHECK(place_of(a) == pi, FMO_SCATTER_PREFIX "addend must be on the same device as input (", place_str(pi),
+              "), got ", place_str(place_of(a)));
+  }
+  return s;
+}
+
+// The smallest entry allowed (every entry must also be < M): any when negative entries are skipped,
+// -M when they wrap, 0 when they are an error.
+FMO_HOST_DEVICE inline int64_t scatter_index_lowest(int64_t m, int64_t negative_index) {
+  if (negative_index == kSkipNegative) return INT64_MIN;
+  return negative_index == kWrapNegative ? -m : 0;
+}
+
+// The token entry `t` adds to, or -1 when it is skipped (a negative entry under kSkipNegative). The
+// range is checked before.
+FMO_HOST_DEVICE inline int64_t scatter_destination(int64_t t, int64_t m, int64_t negative_index) {
+  if (t >= 0) return t;
+  return negative_index == kWrapNegative ? t + m : -1;
+}
+
+// The first out-of-range entry, as reference.check_index_range reports it: IndexError.
+[[noreturn]] inline void fail_scatter_index(int64_t pos, int64_t value, int64_t m, int64_t negative_index) {
+  if (negative_index == kSkipNegative) {
+    fail_index(FMO_SCATTER_PREFIX "index[", pos, "] = ", value, " is out of range: the result has ", m,
+               " rows (num_tokens), so entries must be < ", m, " (negative entries are skipped)");
+  }
+  fail_index(FMO_SCATTER_PREFIX "index[", pos, "] = ", value, " is out of range: the result has ", m,
+             " rows (num_tokens), so entries must be in [", scatter_index_lowest(m, negative_index), ", ", m, ")");
+}
+
+// A device's scatter kernel (the contract: the comment at the top of this section).
+using ScatterFn = void (*)(const TensorRef& input, const IndexLayout& index, const std::optional<TensorRef>& factors,
+                           const ScatterShape& s, const ScatterOptions& o, const TensorRef& dst);
+
+// The kernel on what it reads: a strided input (last dimension) or a broadcast / reshaped addend is
+// first made into (M, K) rows with a dense last dimension (the rare paths, on torch::stable ops).
+template <ScatterFn kernel>
+void scatter_into(const TensorRef& input, const TensorRef& index, const std::optional<TensorRef>& factors,
+                  const ScatterShape& s, const ScatterOptions& o, const TensorRef& dst) {
+  if (input.numel() > 0 && input.size(1) > 1 && input.stride(1) != 1) {
+    const Tensor dense = torch::stable::contiguous(shared_tensor(input));
+    scatter_into<kernel>(TensorRef(dense.get()), index, factors, s, o, dst);
+    return;
+  }
+  if (o.addend.has_value()) {
+    const std::optional<Tensor> rows = addend_as_rows(*o.addend, s.m, s.k);
+    if (rows.has_value()) {
+      ScatterOptions dense = o;
+      dense.addend = TensorRef(rows->get());
+      scatter_into<kernel>(input, index, factors, s, dense, dst);
+      return;
+    }
+  }
+  kernel(input, index_layout(index), factors, s, o, dst);
+}
+
+template <ScatterFn kernel>
+OwnedHandle scatter_mul_sum_fused(const TensorRef& input, const TensorRef& index,
+                                  const std::optional<TensorRef>& factors, int64_t num_tokens,
+                                  std::optional<ScalarType> out_dtype, const ScatterOptions& o) {
+  const ScatterShape s = check_scatter_fused_args(input, index, factors, num_tokens, out_dtype, o);
+  OwnedHandle out = empty_rows_like(input, s.m, s.k, out_dtype.value_or(dtype_of(input)));
+  scatter_into<kernel>(input, index, factors, s, o, TensorRef(out.get()));
+  return out;
+}
+
+namespace boxed {
+
+// scatter_mul_sum(Tensor input, Tensor index, Tensor? factors, SymInt num_tokens, ScalarType? out_dtype)
+template <ScatterFn kernel>
+void scatter(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  check_arity("scatter_mul_sum", num_args, 5, num_outputs);
+  const OwnedHandle input = take_tensor(stack[0]), index = take_tensor(stack[1]),
+                    factors = take_optional_tensor(stack[2]);
+  const auto num_tokens = take<int64_t>(stack[3]);
+  const auto out_dtype = take<std::optional<ScalarType>>(stack[4]);
+  const TensorRef input_ref = required(input, "input", "(R, K)", FMO_SCATTER_PREFIX);
+  const TensorRef index_ref = required(index, "index", "(R,)", FMO_SCATTER_PREFIX);
+  // The all-default options: the fused checks are then exactly the public op's.
+  OwnedHandle out = scatter_mul_sum_fused<kernel>(input_ref, index_ref, ref_if(factors), num_tokens, out_dtype,
+                                                  ScatterOptions{});
+  stack[0] = torch::stable::detail::from(out.release());
+}
+
+// _scatter_mul_sum_fused(input, index, factors?, num_tokens, out_dtype?, negative_index, factor_round, scale,
+//                        addend?) -> Tensor
+template <ScatterFn kernel>
+void scatter_fused(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  check_arity("_scatter_mul_sum_fused", num_args, 9, num_outputs);
+  const OwnedHandle input = take_tensor(stack[0]), index = take_tensor(stack[1]),
+                    factors = take_optional_tensor(stack[2]);
+  const auto num_tokens = take<int64_t>(stack[3]);
+  const auto out_dtype = take<std::optional<ScalarType>>(stack[4]);
+  const OwnedHandle addend = take_optional_tensor(stack[8]);
+  ScatterOptions o;
+  o.negative_index = take<int64_t>(stack[5]);
+  o.factor_round = take<int64_t>(stack[6]);
+  o.scale = static_cast<float>(take<double>(stack[7]));
+  check_scatter_options(o.negative_index, o.factor_round);  // first, as in ops.check_scatter_fused_args
+  const TensorRef input_ref = required(input, "input", "(R, K)", FMO_SCATTER_PREFIX);
+  const TensorRef index_ref = required(index, "index", "(R,)", FMO_SCATTER_PREFIX);
+  o.addend = ref_if(addend);
+  OwnedHandle out = scatter_mul_sum_fused<kernel>(input_ref, index_ref, ref_if(factors), num_tokens, out_dtype, o);
   stack[0] = torch::stable::detail::from(out.release());
 }
 

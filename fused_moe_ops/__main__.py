@@ -77,14 +77,14 @@ def _hf_experts_info() -> Dict[str, Any]:
     return {"name": hf.NAME, **hf.state()}
 
 
-def _dispatcher_registrations() -> Dict[str, str]:
+def _dispatcher_registrations(op: str = "moe::shuffle_mul_sum") -> Dict[str, str]:
     """Where the dispatcher's CPU / CUDA kernels for the op were registered (file:line), as the
     dispatcher itself says: a csrc/ file for the native kernels, a Python file for the fallbacks."""
     import torch
 
     found: Dict[str, str] = {}
     try:
-        dump = torch._C._dispatch_dump("moe::shuffle_mul_sum")
+        dump = torch._C._dispatch_dump(op)
     except Exception:  # noqa: BLE001 - private API: best effort
         return found
     for line in dump.splitlines():
@@ -160,8 +160,10 @@ def collect() -> Dict[str, Any]:
         "cpu_isa": _build.cpu_isa(),
         "cache": {"root": str(_build.cache_root()), "from_env": "FUSED_MOE_OPS_CACHE" in os.environ},
         "active": dict(_registry.ACTIVE),
+        "active_scatter": dict(_registry.SCATTER_ACTIVE),
         "fallback_reasons": dict(_registry.FALLBACK_REASONS),
         "dispatcher": _dispatcher_registrations(),
+        "dispatcher_scatter": _dispatcher_registrations("moe::scatter_mul_sum"),
         "builds": builds,
         "fusion": _fusion_info(),
         "hf_experts": _hf_experts_info(),
@@ -231,6 +233,8 @@ def render(info: Dict[str, Any]) -> str:
     for kind in ("cpu", "cuda"):
         if info["builds"][kind].get("note"):
             add(f"  {kind}: {info['builds'][kind]['note']}")
+    scatter = info["active_scatter"]
+    add("Kernels for moe::scatter_mul_sum: " + ", ".join(f"{kind} {scatter.get(kind, '-')}" for kind in ("cpu", "cuda")))
     add("")
     fu = info["fusion"]
     if fu["installed"]:

@@ -1,11 +1,13 @@
 """Which implementation serves ``moe::shuffle_mul_sum`` on each device, decided once at import.
 
     CPU : the C++ kernel (csrc/shuffle_mul_sum_cpu.cpp); if it could not be built, the reference.
+          The scatter form (moe::scatter_mul_sum, _scatter_mul_sum_fused) alike.
     CUDA: the C++ CUDA kernel (csrc/shuffle_mul_sum_cuda.cu); if it could not be built, the Triton
           kernel (fused_moe_ops/triton_kernel.py); if Triton is missing, the reference.
           FUSED_MOE_OPS_CUDA_BACKEND=cuda|triton|reference forces one. Where no GPU is visible no CUDA
           tensor can reach the op: the CUDA key gets the reference, and neither the CUDA library nor
-          Triton is loaded (both cost import time), unless asked for (build).
+          Triton is loaded (both cost import time), unless asked for (build). The scatter form runs on
+          the reference on CUDA.
     Meta / FakeTensor: ops.py's fake.
 
 A fallback is announced with one warning that says why (the compiler's full message is in
@@ -29,6 +31,8 @@ CUDA_BACKENDS = ("cuda", "triton", "reference")
 # What serves each device key: "cpp", "cuda", "triton" or "reference".
 ACTIVE: Dict[str, str] = {}
 FALLBACK_REASONS: Dict[str, str] = {}
+# What serves the scatter form (moe::scatter_mul_sum, _scatter_mul_sum_fused) on each device key.
+SCATTER_ACTIVE: Dict[str, str] = {}
 
 
 class _NoBackward(torch.autograd.Function):
@@ -107,11 +111,11 @@ def _register_autograd() -> None:
     _lib.impl(SCATTER_FUSED_OP_NAME, _autograd_scatter_fused, "Autograd")
 
 
-def _register_scatter_reference() -> None:
-    # The scatter form's kernels are the reference on every device until the native ones land.
-    for key in ("CPU", "CUDA"):
-        _lib.impl(SCATTER_OP_NAME, scatter_mul_sum_reference, key)
-        _lib.impl(SCATTER_FUSED_OP_NAME, scatter_mul_sum_fused_reference, key)
+def _register_scatter_reference(key: str) -> None:
+    """The scatter form on the reference, for a device key its native kernel does not serve."""
+    _lib.impl(SCATTER_OP_NAME, scatter_mul_sum_reference, key)
+    _lib.impl(SCATTER_FUSED_OP_NAME, scatter_mul_sum_fused_reference, key)
+    SCATTER_ACTIVE[key.lower()] = "reference"
 
 
 def _short(msg: str, limit: int = 300) -> str:
@@ -137,10 +141,12 @@ def _setup_cpu() -> None:
                       "ignored, the CPU kernel keeps its default", RuntimeWarning, stacklevel=3)
     if result.ok:
         ACTIVE["cpu"] = "cpp"
+        SCATTER_ACTIVE["cpu"] = "cpp"  # the library registers both forms
         return
     reason = result.skipped or _short(result.error or "unknown error")
     FALLBACK_REASONS["cpu"] = reason
     _register_python("CPU", _reference_functional, shuffle_mul_sum_reference_out)
+    _register_scatter_reference("CPU")
     ACTIVE["cpu"] = "reference"
     if not result.skipped:
         warnings.warn(
@@ -203,6 +209,8 @@ def setup() -> None:
         return
     _DONE = True
     _register_autograd()
-    _register_scatter_reference()
+    # The scatter form on CUDA: the reference until a native CUDA kernel serves it. On CPU the C++
+    # library registers it with the gather form, and _setup_cpu's fallback the reference.
+    _register_scatter_reference("CUDA")
     _setup_cpu()
     _setup_cuda()

@@ -31,12 +31,15 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import fused_moe_ops
 import torch
-dump = torch._C._dispatch_dump("moe::shuffle_mul_sum")
-reg = {}
-for line in dump.splitlines():
-    key, sep, rest = line.partition(": registered at ")
-    if sep and key in ("CPU", "CUDA"):
-        reg[key.lower()] = rest.split(" :: ")[0].strip()
+def registrations(op):
+    reg = {}
+    for line in torch._C._dispatch_dump(op).splitlines():
+        key, sep, rest = line.partition(": registered at ")
+        if sep and key in ("CPU", "CUDA"):
+            reg[key.lower()] = rest.split(" :: ")[0].strip()
+    return reg
+reg = registrations("moe::shuffle_mul_sum")
+reg_scatter = registrations("moe::scatter_mul_sum")
 try:
     import triton
     tv = triton.__version__
@@ -47,7 +50,7 @@ x = torch.randn(6, 3); p = torch.tensor([0, -1, 2, 5, 4, 1]); f = torch.rand(3, 
 ref = fused_moe_ops.shuffle_mul_sum_reference(x, p, f, acc_dtype=torch.float64)
 ok = bool(torch.allclose(torch.ops.moe.shuffle_mul_sum(x, p, f).double(), ref.double(), rtol=1e-5, atol=1e-6))
 print(json.dumps({
-    "registered": reg, "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": tv,
+    "registered": reg, "registered_scatter": reg_scatter, "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": tv,
     "op_ok": ok,
     "runtime_warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
 }))
@@ -121,6 +124,12 @@ def _check_common(text, info, truth):
             assert "FAILED" in row and f"Build error ({device})" in text
     assert truth["op_ok"]
     assert info["dispatcher"] == truth["registered"]
+    # The scatter form: the C++ library serves it on CPU exactly when it serves the gather form.
+    assert info["dispatcher_scatter"] == truth["registered_scatter"]
+    scatter_cpu = info["active_scatter"]["cpu"]
+    assert scatter_cpu == ("cpp" if info["active"]["cpu"] == "cpp" else "reference")
+    assert _kind_of_registration(truth["registered_scatter"]["cpu"]) == ("cpp" if scatter_cpu == "cpp" else "python")
+    assert f"Kernels for moe::scatter_mul_sum: cpu {scatter_cpu}, cuda {info['active_scatter']['cuda']}" in text
 
 
 def test_report_default_environment(tmp_path):
