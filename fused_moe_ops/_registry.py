@@ -6,8 +6,8 @@
           kernel (fused_moe_ops/triton_kernel.py); if Triton is missing, the reference.
           FUSED_MOE_OPS_CUDA_BACKEND=cuda|triton|reference forces one. Where no GPU is visible no CUDA
           tensor can reach the op: the CUDA key gets the reference, and neither the CUDA library nor
-          Triton is loaded (both cost import time), unless asked for (build). The scatter form runs on
-          the reference on CUDA.
+          Triton is loaded (both cost import time), unless asked for (build). The scatter form: the
+          CUDA kernel where the library serves CUDA, else the reference.
     Meta / FakeTensor: ops.py's fake.
 
 A fallback is announced with one warning that says why (the compiler's full message is in
@@ -175,6 +175,7 @@ def _setup_cuda() -> None:
         result = _build.build_cuda(on_import=True)
         if result.ok:
             ACTIVE["cuda"] = "cuda"
+            SCATTER_ACTIVE["cuda"] = "cuda"  # the library registers both forms
             return
         reasons.append(f"CUDA kernel not built: {result.skipped or _short(result.error or '')}")
     if forced == "triton" or (forced is None and gpu):
@@ -183,10 +184,12 @@ def _setup_cuda() -> None:
             from .triton_kernel import shuffle_mul_sum_fused_triton, shuffle_mul_sum_triton, shuffle_mul_sum_triton_out
 
             _register_python("CUDA", shuffle_mul_sum_triton, shuffle_mul_sum_triton_out, shuffle_mul_sum_fused_triton)
+            _register_scatter_reference("CUDA")
             ACTIVE["cuda"] = "triton"
             FALLBACK_REASONS["cuda"] = "; ".join(reasons) or "forced by FUSED_MOE_OPS_CUDA_BACKEND"
             return
         reasons.append(why)
+    _register_scatter_reference("CUDA")
     _register_python("CUDA", _reference_functional, shuffle_mul_sum_reference_out)
     ACTIVE["cuda"] = "reference"
     FALLBACK_REASONS["cuda"] = "; ".join(reasons) or "forced by FUSED_MOE_OPS_CUDA_BACKEND"
@@ -209,8 +212,7 @@ def setup() -> None:
         return
     _DONE = True
     _register_autograd()
-    # The scatter form on CUDA: the reference until a native CUDA kernel serves it. On CPU the C++
-    # library registers it with the gather form, and _setup_cpu's fallback the reference.
-    _register_scatter_reference("CUDA")
+    # The scatter form is registered with the gather form: by the C++ libraries where they load, else
+    # by _setup_cpu's / _setup_cuda's fallbacks.
     _setup_cpu()
     _setup_cuda()
