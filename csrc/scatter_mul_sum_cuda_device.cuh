@@ -135,16 +135,16 @@ __global__ void __launch_bounds__(kMaxThreads) scatter_segment_sum_kernel(const 
     float acc[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
-    if (one_chunk) {
-      if (c < P.k) accumulate<in_t, VEC, true>(P, s_rows, s_w, static_cast<int>(n), c, acc);
-    } else {
-      for (int64_t s0 = 0; s0 < n; s0 += kChunk) {  // chunks in order: rows still added in increasing r
-        const int64_t chunk = std::min<int64_t>(kChunk, n - s0);
+    // Chunks in order: rows still added in increasing r. One chunk was staged above, once for every
+    // column step; longer segments restage per chunk (uniform over the block: the barriers are safe).
+    for (int64_t s0 = 0; s0 < n; s0 += kChunk) {
+      const int64_t chunk = std::min<int64_t>(kChunk, n - s0);
+      if (!one_chunk) {
         __syncthreads();  // the previous chunk's slots are no longer read
         stage_segment(S, first + s0, chunk, s_rows, s_w);
         __syncthreads();
-        if (c < P.k) accumulate<in_t, VEC, true>(P, s_rows, s_w, static_cast<int>(chunk), c, acc);
       }
+      if (c < P.k) accumulate<in_t, VEC, true>(P, s_rows, s_w, static_cast<int>(chunk), c, acc);
     }
     if (c < P.k) store<in_t, out_t, VEC>(P, t, c, acc);
   }

@@ -24,6 +24,7 @@
 #   bench      python -m fused_moe_ops.bench --device cuda --grid pass-vs-inductor --compile dynamic:
 #              alone on the GPU, after the tests
 #   model      python -m fused_moe_ops.bench --device cuda --model (compiled MoE blocks, +- the pass)
+#   scatter    scripts/scatter_timing.py: moe::scatter_mul_sum against eager index_add_, decode to prefill
 #   ep         torchrun --nproc-per-node 1 examples/expert_parallel.py --backend nccl --scheme both --compile
 #              (skipped when the example is absent)
 #   slowtests, compiletests   in parallel, with the time left: -m "cuda and slow" per tests/ file,
@@ -38,7 +39,7 @@
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds, default 450), GPU_CHECK_JOBS
 # (parallel test/sanitizer processes, default 4), GPU_CHECK_STEPS (comma list, default
-# env,build,backends,codegen,tests,sanitize,bench,model,ep,slowtests,compiletests; `sanitize` selects the
+# env,build,backends,codegen,tests,sanitize,bench,model,scatter,ep,slowtests,compiletests; `sanitize` selects the
 # sanitizer jobs of the tests phase), GPU_CHECK_FILES (space list of test files for the tests phase,
 # default: every tests/test_*.py that has CUDA tests), GPU_CHECK_CPU_MARK (without a GPU: run the
 # tests phase anyway with this marker, e.g. "not cuda", to check the script), GPU_CHECK_ASSUME_GPU=1
@@ -73,7 +74,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 export FUSED_MOE_OPS_CACHE=${FUSED_MOE_OPS_CACHE:-$HOME/.cache/fused_moe_ops}
 export MAX_JOBS=${MAX_JOBS:-16}
 
-STEPS_WANTED=${GPU_CHECK_STEPS:-env,build,backends,codegen,tests,sanitize,bench,model,ep,slowtests,compiletests}
+STEPS_WANTED=${GPU_CHECK_STEPS:-env,build,backends,codegen,tests,sanitize,bench,model,scatter,ep,slowtests,compiletests}
 remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
 wanted() { case ",$STEPS_WANTED," in *",$1,"*) return 0;; *) return 1;; esac; }
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STEPS"; }
@@ -249,7 +250,7 @@ sanitize_job() {  # sanitize_job NAME CAP TOOL BACKEND
 }
 
 if [ $HAS_GPU = 0 ]; then
-  for s in tests sanitize bench model ep slowtests compiletests; do
+  for s in tests sanitize bench model scatter ep slowtests compiletests; do
     if wanted "$s"; then note "$s" SKIPPED "no CUDA device visible to torch"; fi
   done
   if [ -n "${GPU_CHECK_CPU_MARK:-}" ]; then
@@ -286,6 +287,7 @@ else
     --json "$OUT/bench_gpu.json" --plot "$OUT/bench_gpu.png"
   step model 120 30 "$PY" -m fused_moe_ops.bench --device cuda --model --model-set qwen3_moe,tiny \
     --model-m 4096,512,64,8,1 --budget 0.05 --json "$OUT/model_gpu.json"
+  step scatter 30 0 "$PY" scripts/scatter_timing.py --iters 50
   if [ -f examples/expert_parallel.py ]; then
     step ep 45 0 "$PY" -m torch.distributed.run --nproc-per-node 1 examples/expert_parallel.py \
       --backend nccl --scheme both --compile
