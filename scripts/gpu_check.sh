@@ -20,7 +20,9 @@
 #                a crash names its test (the last one started) and the other files still run;
 #              * scripts/sanitize_kernels.py (both kernels, every code path, checked against float64)
 #                under compute-sanitizer: memcheck, racecheck, synccheck on the CUDA kernel, memcheck
-#                on the Triton kernel (its small case set: each specialisation is a JIT compile)
+#                on the Triton kernel (its small case set: each specialisation is a JIT compile);
+#                scripts/sanitize_scatter.py (the scatter form's CUDA kernels, bit for bit the float32
+#                reference) under memcheck and racecheck
 #   bench      python -m fused_moe_ops.bench --device cuda --grid pass-vs-inductor --compile dynamic:
 #              alone on the GPU, after the tests
 #   model      python -m fused_moe_ops.bench --device cuda --model (compiled MoE blocks, +- the pass)
@@ -248,6 +250,10 @@ sanitize_job() {  # sanitize_job NAME CAP TOOL BACKEND
   add_job "$1" "$2" sanitize env OMP_NUM_THREADS=4 "$CS" --tool "$3" --target-processes application-only \
     --report-api-errors no --error-exitcode 86 "$PY" scripts/sanitize_kernels.py --device cuda --backend "$4"
 }
+sanitize_scatter_job() {  # sanitize_scatter_job NAME CAP TOOL: the scatter form's CUDA kernels (CUB's sort included)
+  add_job "$1" "$2" sanitize env OMP_NUM_THREADS=4 "$CS" --tool "$3" --target-processes application-only \
+    --report-api-errors no --error-exitcode 86 "$PY" scripts/sanitize_scatter.py --device cuda
+}
 
 if [ $HAS_GPU = 0 ]; then
   for s in tests sanitize bench model scatter ep slowtests compiletests; do
@@ -269,6 +275,8 @@ else
     sanitize_job racecheck_cuda 120 racecheck cuda
     sanitize_job synccheck_cuda 120 synccheck cuda
     sanitize_job memcheck_triton 120 memcheck triton
+    sanitize_scatter_job memcheck_scatter 90 memcheck
+    sanitize_scatter_job racecheck_scatter 90 racecheck
   }
   n=0
   for f in $TEST_FILES; do
