@@ -131,3 +131,21 @@ def test_out_of_range_entry_trips_the_device_assert(mode, value):
     x = torch.randn(64, 128, device="cuda"); f = torch.rand(64, device="cuda")
     index = torch.randint(0, 300, (64,), device="cuda"); index[37] = {value}
     torch.ops.moe._scatter_mul_sum_fused(x, index, f, 300, None, {mode})""")
+
+
+# test_schema, test_autograd_registration, test_faketensor, test_aot_dispatch_dynamic (test_op.py's set): the CUDA kernel agrees with the fake
+# (shapes, dtypes, strides) and the schema (nothing mutated, nothing aliased); no grad inputs, so the
+# backward (there is none) is not traced.
+NO_GRAD_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("name", ["duplicates-uneven-empty-tokens", "R0-addend-only", "M0-every-row-skipped",
+                                  "wrap-mode", "addend-3d", "padded-rows-odd-stride-scalar-path"])
+def test_opcheck(name):
+    _need_cuda_kernel()
+    c = _on_cuda(build(CASES[name], seed_of("opcheck", name)))
+    torch.library.opcheck(torch.ops.moe._scatter_mul_sum_fused.default,
+                          (c.input, c.index, c.factors, c.num_tokens, c.out_dtype, c.negative_index, c.factor_round,
+                           c.scale, c.addend), test_utils=NO_GRAD_UTILS)
+    torch.library.opcheck(torch.ops.moe.scatter_mul_sum.default,  # negative entries skipped: any case is valid
+                          (c.input, c.index, c.factors, c.num_tokens, c.out_dtype), test_utils=NO_GRAD_UTILS)
