@@ -682,8 +682,9 @@ void fused(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
 //   - check the index's range (scatter_index_lowest .. M): on the host with fail_scatter_index's
 //     IndexError before anything is written (CPU), or in its own way on the device (CUDA); also when
 //     M, K or R is 0 (an index entry >= 0 with M = 0 is out of range);
-//   - write every element of dst: zeros (scaled: 0, plus the addend) for a token no row reaches;
-//   - launch nothing when dst has no elements or R = 0 leaves nothing to add beyond zeros / the addend.
+//   - write every element of dst, R = 0 included: a token no row reaches gets scale * 0 + addend (zeros
+//     without an addend; NaN for an inf / NaN scale, as the reference gives);
+//   - launch nothing when dst has no elements (M = 0 or K = 0), after the range check.
 
 struct ScatterShape {
   int64_t rows;  // R: rows of input, entries of index (and of factors)

@@ -266,26 +266,33 @@ class SortScratch {
   int64_t* base_;
 };
 
-// Checks every entry's range (IndexError naming the first bad one, before anything is written) and
-// counts each token's rows; then places the live rows by token, stably (each token's in increasing
-// r), with their rounded factors. segment_start[t] .. segment_start[t + 1] is token t's run; a
-// skipped entry (negative, kSkipNegative) is left out and its factor never read. Returns the most
-// rows one token receives. O(R + M), serial: next to the rows' K elements each, it is noise.
+// The first entry out of range (IndexError naming it), checked before anything is written, also
+// when the result has no elements: >= M always; below -M when negative entries wrap; any negative one
+// when they are an error.
+void check_index_range(const IndexLayout& index, const ScatterShape& s, int64_t negative_index) {
+  const int64_t m = s.m, lowest = scatter_index_lowest(m, negative_index);
+  for (int64_t r = 0; r < s.rows; ++r) {
+    const int64_t t = index_at(index, r);
+    if (__builtin_expect(t >= m || t < lowest, 0)) fail_scatter_index(r, t, m, negative_index);
+  }
+}
+
+// A stable counting sort of the live rows by token (entries in range: check_index_range), each
+// token's in increasing r, with their rounded factors: segment_start[t] .. segment_start[t + 1] is
+// token t's run of sorted_rows / sorted_factors. A skipped entry (negative, kSkipNegative) is left out
+// and its factor never read. Returns the most rows one token receives. O(R + M), serial: next to the
+// rows' K elements each, it is noise.
 int64_t sort_by_token(const IndexLayout& index, const std::optional<TensorRef>& factors, const ScatterShape& s,
                       const ScatterOptions& o, SortScratch& scratch) {
   const int64_t m = s.m, rows = s.rows;
-  const int64_t lowest = scatter_index_lowest(m, o.negative_index);
   // Counts at start[t + 2], so that after the prefix sum start[t + 1] is token t's first slot and the
   // placement's post-increment leaves start[t] .. start[t + 1] as token t's run (start[0] = 0).
   int64_t* start = scratch.segment_start;
   std::fill(start, start + m + 2, int64_t{0});
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = index_at(index, r);
-    if (__builtin_expect(t >= m || t < lowest, 0)) fail_scatter_index(r, t, m, o.negative_index);
-    const int64_t d = scatter_destination(t, m, o.negative_index);
+    const int64_t d = scatter_destination(index_at(index, r), m, o.negative_index);
     if (d >= 0) ++start[d + 2];
   }
-  if (m == 0) return 0;  // every entry was skipped
   int64_t max_segment = 0;
   for (int64_t t = 0; t < m; ++t) {
     max_segment = std::max(max_segment, start[t + 2]);
@@ -307,9 +314,10 @@ int64_t sort_by_token(const IndexLayout& index, const std::optional<TensorRef>& 
 
 void scatter_cpu(const TensorRef& input, const IndexLayout& index, const std::optional<TensorRef>& factors,
                  const ScatterShape& s, const ScatterOptions& o, const TensorRef& dst) {
+  check_index_range(index, s, o.negative_index);  // before anything is written
+  if (s.m == 0 || s.k == 0) return;  // nothing to write: no scratch either (M may be large when K is 0)
   SortScratch scratch(s.m, s.rows);
-  const int64_t max_segment = sort_by_token(index, factors, s, o, scratch);  // before anything is written
-  if (s.m == 0 || s.k == 0) return;
+  const int64_t max_segment = sort_by_token(index, factors, s, o, scratch);
   ScatterCpuArgs a{};
   a.input = input.data_ptr();
   a.input_row_stride = input.stride(0);

@@ -233,3 +233,19 @@ def test_cuda_timing_branches_without_a_gpu(monkeypatch):
     sweep._time_cuda_graphs_interleaved([(r, c, contextlib.nullcontext) for r, c in zip(rows, calls)], args)
     assert [r["time_s"] for r in rows] == [40.0, 20.0, 7.0]  # >= 20 calls per graph, one per buffer set
     assert rows[0]["timing"] == "graph x40" and rows[2]["timing"].startswith("events (graph capture failed")
+
+
+def test_scatter_mode_tiny(tmp_path, capsys):
+    """--scatter: op, eager index_add_ and Inductor (pass off) timed per shape, their ratios, each checked
+    against the float64 reference."""
+    out = tmp_path / "sc.json"
+    rc, stdout, stderr = run_in_process(capsys, *FAST, "--scatter", "--dtype", "bf16", "--m", "3", "--k", "16",
+                                        "--topk", "2", "--json", str(out))
+    assert rc == 0, stdout + stderr
+    rows = json.loads(out.read_text())["scatter_rows"]
+    assert [(r["M"], r["topk"], r["K"]) for r in rows] == [(3, 2, 16)]
+    for r in rows:
+        assert r["eager_over_op"] == pytest.approx(r["eager_s"] / r["op_s"])
+        assert r["inductor_over_op"] == pytest.approx(r["inductor_s"] / r["op_s"])
+        assert r["max_err_op"] < 2 ** -8 and r["max_err_eager"] < 2 ** -6 and r["max_err_inductor"] < 2 ** -6, r
+    assert "eager/op" in stdout and "ind/op" in stdout

@@ -9,15 +9,18 @@ where the C++ kernel is not built.
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, List, NamedTuple
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from _moe_testlib import (
-    BAD_CALLS, DEVICES, MARK_CUDA, active_cpu, call_op, call_reference, capture_error, make_case,
-    snapshot, assert_unmodified,
+    BAD_CALLS, DEVICES, MARK_CUDA, active_cpu, call_op, call_reference, capture_error, gen, make_case, make_input,
+    seed_of, snapshot, assert_unmodified,
 )
+
+from fused_moe_ops.reference import scatter_mul_sum_fused_reference, scatter_mul_sum_reference
 
 op = torch.ops.moe.shuffle_mul_sum
 needs_cpp = pytest.mark.skipif(active_cpu() != "cpp", reason="the C++ CPU kernel is not built in this process")
@@ -249,3 +252,191 @@ def test_none_for_a_tensor_argument_names_it_compiled(spelling):
     with pytest.raises(Exception) as info:
         torch.compile(fn, backend="inductor", fullgraph=True)(x, p)
     assert f"moe::shuffle_mul_sum: {message}, got None" in str(info.value), str(info.value)
+
+
+# ---- the scatter form: moe::scatter_mul_sum and moe::_scatter_mul_sum_fused -----------------------
+# The same rules for the scatter form's checks (csrc/shuffle_mul_sum.h against ops.check_scatter_args /
+# check_scatter_fused_args and reference.check_index_range): each bad call on the public op (where it has
+# no internal-op option) and on the internal op, on the C++ kernel, the reference and the fake.
+
+SCATTER_PREFIX = "moe::scatter_mul_sum: "
+
+
+class BadScatter(NamedTuple):
+    id: str
+    over: Callable[[str], dict]  # device -> the arguments that differ from a good call's
+    exc: type
+    needles: tuple
+    value_check: bool = False    # needs the index's values: not checkable on meta / fake tensors
+    fused_only: bool = False     # an option of the internal op
+
+
+def _scatter_ok(device, **over):
+    """A good call: 7 rows (duplicates, a -1) to 3 tokens of 5 columns, with factors."""
+    g = gen(seed_of("bad-scatter"))
+    kw = dict(input=make_input(7, 5, torch.float32, g).to(device),
+              index=torch.tensor([2, 0, -1, 2, 1, 0, 2], device=device),
+              factors=torch.rand(7, generator=g).to(device), num_tokens=3, out_dtype=None,
+              negative_index=0, factor_round=0, scale=1.0, addend=None)
+    kw.update(over)
+    return kw
+
+
+def _idx(device, values, dtype=torch.int64):
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+BAD_SCATTER: List[BadScatter] = [
+    BadScatter("input-None", lambda d: dict(input=None), RuntimeError, ("input must be a tensor (R, K)", "got None")),
+    BadScatter("index-None", lambda d: dict(index=None), RuntimeError, ("index must be a tensor (R,)", "got None")),
+    BadScatter("input-1d", lambda d: dict(input=torch.randn(7, device=d)), RuntimeError,
+               ("input must be a 2-D tensor (R, K)", "got 1-D with shape (7,)")),
+    BadScatter("input-3d", lambda d: dict(input=torch.randn(7, 5, 1, device=d)), RuntimeError,
+               ("input must be a 2-D tensor (R, K)", "got 3-D with shape (7, 5, 1)")),
+    BadScatter("input-float64", lambda d: dict(input=torch.randn(7, 5, dtype=torch.float64, device=d)), RuntimeError,
+               ("input must have dtype float32, float16, bfloat16", "got torch.float64")),
+    BadScatter("input-int32", lambda d: dict(input=torch.ones(7, 5, dtype=torch.int32, device=d)), RuntimeError,
+               ("input must have dtype float32, float16, bfloat16", "got torch.int32")),
+    BadScatter("index-float32", lambda d: dict(index=torch.zeros(7, device=d)), RuntimeError,
+               ("index must have dtype int32 or int64", "got torch.float32")),
+    BadScatter("index-int16", lambda d: dict(index=torch.zeros(7, dtype=torch.int16, device=d)), RuntimeError,
+               ("index must have dtype int32 or int64", "got torch.int16")),
+    BadScatter("index-2d", lambda d: dict(index=torch.zeros(7, 1, dtype=torch.int64, device=d)), RuntimeError,
+               ("index must be a 1-D tensor of input.shape[0] = 7 entries (R,)", "got shape (7, 1)")),
+    BadScatter("index-0d", lambda d: dict(index=torch.tensor(0, device=d)), RuntimeError,
+               ("index must be a 1-D tensor of input.shape[0] = 7 entries (R,)", "got shape ()")),
+    BadScatter("index-too-short", lambda d: dict(index=_idx(d, [0, 1, 2, 0, 1, 2])), RuntimeError,
+               ("index must be a 1-D tensor of input.shape[0] = 7 entries (R,)", "got shape (6,)")),
+    BadScatter("factors-2d", lambda d: dict(factors=torch.rand(7, 1, device=d)), RuntimeError,
+               ("factors must be a 1-D tensor of input.shape[0] = 7 entries (R,) or None", "got shape (7, 1)")),
+    BadScatter("factors-too-long", lambda d: dict(factors=torch.rand(8, device=d)), RuntimeError,
+               ("factors must be a 1-D tensor of input.shape[0] = 7 entries (R,) or None", "got shape (8,)")),
+    BadScatter("factors-float64", lambda d: dict(factors=torch.rand(7, dtype=torch.float64, device=d)), RuntimeError,
+               ("factors must have dtype float32, float16, bfloat16", "got torch.float64")),
+    BadScatter("factors-int64", lambda d: dict(factors=torch.ones(7, dtype=torch.int64, device=d)), RuntimeError,
+               ("factors must have dtype float32, float16, bfloat16", "got torch.int64")),
+    BadScatter("num_tokens-negative", lambda d: dict(num_tokens=-1), RuntimeError, ("num_tokens must be >= 0", "got -1")),
+    BadScatter("out_dtype-float64", lambda d: dict(out_dtype=torch.float64), RuntimeError,
+               ("out_dtype must be one of float32, float16, bfloat16 or None", "got torch.float64")),
+    BadScatter("out_dtype-int32", lambda d: dict(out_dtype=torch.int32), RuntimeError,
+               ("out_dtype must be one of float32, float16, bfloat16 or None", "got torch.int32")),
+    BadScatter("negative_index-3", lambda d: dict(negative_index=3), RuntimeError,
+               ("negative_index must be 0 (skip), 1 (wrap) or 2 (error)", "got 3"), fused_only=True),
+    BadScatter("negative_index-minus1-before-input-None", lambda d: dict(negative_index=-1, input=None), RuntimeError,
+               ("negative_index must be 0 (skip), 1 (wrap) or 2 (error)", "got -1"), fused_only=True),
+    BadScatter("factor_round-3", lambda d: dict(factor_round=3), RuntimeError,
+               ("factor_round must be 0 (none), 1 (float16) or 2 (bfloat16)", "got 3"), fused_only=True),
+    BadScatter("addend-wrong-cols", lambda d: dict(addend=torch.randn(3, 4, device=d)), RuntimeError,
+               ("addend must broadcast to (M, K) = (3, 5)", "got (3, 4)"), fused_only=True),
+    BadScatter("addend-3d-wrong-numel", lambda d: dict(addend=torch.randn(2, 2, 5, device=d)), RuntimeError,
+               ("addend must broadcast to (M, K) = (3, 5) or, with more than 2 dimensions", "got (2, 2, 5)"),
+               fused_only=True),
+    BadScatter("addend-int32", lambda d: dict(addend=torch.ones(3, 5, dtype=torch.int32, device=d)), RuntimeError,
+               ("addend must have dtype float32, float16, bfloat16", "got torch.int32"), fused_only=True),
+    # The index's values (IndexError, the first bad entry named; checked before anything is written).
+    BadScatter("entry-eq-M", lambda d: dict(index=_idx(d, [2, 0, -1, 3, 1, 0, 2])), IndexError,
+               ("index[3] = 3 is out of range", "the result has 3 rows (num_tokens)", "entries must be < 3"), True),
+    BadScatter("entry-huge-int32-first-named", lambda d: dict(index=_idx(d, [0, -5, 2 ** 31 - 1, 9, 1, 0, 2],
+                                                                          torch.int32)),
+               IndexError, (f"index[2] = {2 ** 31 - 1} is out of range", "entries must be < 3"), True),
+    BadScatter("entry-with-no-tokens", lambda d: dict(num_tokens=0), IndexError,
+               ("index[0] = 2 is out of range", "the result has 0 rows", "entries must be < 0"), True),
+    BadScatter("entry-below-minus-M-wrap", lambda d: dict(index=_idx(d, [2, -3, -4, 2, 1, 0, 2]), negative_index=1),
+               IndexError, ("index[2] = -4 is out of range", "entries must be in [-3, 3)"), True, True),
+    BadScatter("entry-negative-error-mode", lambda d: dict(negative_index=2), IndexError,
+               ("index[2] = -1 is out of range", "entries must be in [0, 3)"), True, True),
+    BadScatter("entry-huge-negative-int64-error-mode",
+               lambda d: dict(index=_idx(d, [2, 0, -(2 ** 63), 2, 1, 0, 2]), negative_index=2), IndexError,
+               (f"index[2] = {-(2 ** 63)} is out of range", "entries must be in [0, 3)"), True, True),
+]
+BAD_SCATTER_BY_ID = {c.id: c for c in BAD_SCATTER}
+assert len(BAD_SCATTER_BY_ID) == len(BAD_SCATTER)
+
+SCATTER_FORMS = ["public", "internal"]
+
+
+def _scatter_calls(call: BadScatter):
+    return [form for form in SCATTER_FORMS if not (call.fused_only and form == "public")]
+
+
+def _scatter_params(value_checks: bool = True):
+    return [pytest.param(c, form, id=f"{c.id}-{form}") for c in BAD_SCATTER for form in _scatter_calls(c)
+            if value_checks or not c.value_check]
+
+
+def _scatter_args(kw, form):
+    head = (kw["input"], kw["index"], kw["factors"], kw["num_tokens"], kw["out_dtype"])
+    return head if form == "public" else head + (kw["negative_index"], kw["factor_round"], kw["scale"], kw["addend"])
+
+
+def scatter_op(kw, form):
+    op = torch.ops.moe.scatter_mul_sum if form == "public" else torch.ops.moe._scatter_mul_sum_fused
+    return op(*_scatter_args(kw, form))
+
+
+def scatter_reference(kw, form):
+    ref = scatter_mul_sum_reference if form == "public" else scatter_mul_sum_fused_reference
+    return ref(*_scatter_args(kw, form))
+
+
+def _scatter_error(fn, kw, form):
+    try:
+        fn(kw, form)
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__, str(e)
+    return "no error", ""
+
+
+def _scatter_tensors(kw):
+    return [kw[k] for k in ("input", "index", "factors", "addend")]
+
+
+@pytest.mark.parametrize("call, form", _scatter_params())
+def test_scatter_bad_input_via_dispatcher(call, form):
+    """On CPU tensors: the C++ kernel (or the reference where it is not built). Names the argument, the
+    expectation and what came; nothing the caller passed is modified."""
+    kw = _scatter_ok("cpu", **call.over("cpu"))
+    before = snapshot(*_scatter_tensors(kw))
+    with pytest.raises(call.exc) as info:
+        scatter_op(kw, form)
+    msg = str(info.value)
+    assert msg.startswith(SCATTER_PREFIX), msg
+    for needle in call.needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    assert_unmodified(before, *_scatter_tensors(kw))
+
+
+@needs_cpp
+@pytest.mark.parametrize("call, form", _scatter_params())
+def test_scatter_messages_agree_cpp_vs_reference(call, form):
+    kw = _scatter_ok("cpu", **call.over("cpu"))
+    assert _scatter_error(scatter_op, kw, form) == _scatter_error(scatter_reference, kw, form)
+
+
+@pytest.mark.parametrize("call, form", _scatter_params(value_checks=False))
+def test_scatter_messages_agree_fake(call, form):
+    """The fake (meta tensors, and FakeTensorMode as torch.compile traces) gives the reference's message."""
+    ref = _scatter_error(scatter_reference, _scatter_ok("cpu", **call.over("cpu")), form)
+    assert _scatter_error(scatter_op, _scatter_ok("meta", **call.over("meta")), form) == ref
+    kw = _scatter_ok("cpu", **call.over("cpu"))
+    with FakeTensorMode() as mode:
+        fkw = {k: (mode.from_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        assert _scatter_error(scatter_op, fkw, form) == ref
+
+
+@pytest.mark.parametrize("where", ["index", "factors", "addend"])
+def test_scatter_device_mismatch_cpu_vs_meta(where):
+    """CPU input, one other tensor on meta: reaches the fake (Meta wins the dispatch), whose message is
+    the reference's."""
+    kw = _scatter_ok("cpu", addend=torch.randn(3, 5))
+    kw[where] = kw[where].to("meta")
+    expected = ("RuntimeError", f"{SCATTER_PREFIX}{where} must be on the same device as input (cpu), got meta")
+    assert _scatter_error(scatter_op, kw, "internal") == expected
+    assert _scatter_error(scatter_reference, kw, "internal") == expected
+
+
+def test_scatter_bad_table_is_not_vacuous():
+    """Every bad call is good once its one bad argument is taken out (the table tests what it names)."""
+    kw = _scatter_ok("cpu")
+    for form in SCATTER_FORMS:
+        assert scatter_op(kw, form).shape == (3, 5)

@@ -78,12 +78,46 @@ def _error_in_fused_checks(dev):
     return (x, p, w, addend), lambda: fused(x, p, w, None, 0, 0, 1.0, addend, None)
 
 
+scatter = torch.ops.moe.scatter_mul_sum
+scatter_fused = torch.ops.moe._scatter_mul_sum_fused
+
+
+def _scatter(dev):
+    x, idx, w = torch.randn(6, 8, device=dev), torch.tensor([1, 0, -1, 1, 2, 0], device=dev), torch.rand(6, device=dev)
+    return (x, idx, w), lambda: scatter(x, idx, w, 3)
+
+
+def _scatter_no_factors(dev):  # the optional factors absent
+    x, idx = torch.randn(6, 8, device=dev), torch.tensor([1, 0, -1, 1, 2, 0], device=dev)
+    return (x, idx), lambda: scatter(x, idx, None, 3, torch.bfloat16)
+
+
+def _scatter_fused_strided_input_expanded_addend(dev):  # input made dense, addend expanded: two new tensors
+    x, idx = torch.randn(8, 6, device=dev).t(), torch.tensor([-3, 0, -1, 1, 2, 0], device=dev)
+    w, addend = torch.rand(6, device=dev), torch.randn(3, 1, device=dev)
+    return (x, idx, w, addend), lambda: scatter_fused(x, idx, w, 3, None, 1, 2, 0.5, addend)
+
+
+def _scatter_error_after_unboxing(dev):  # IndexError from the range check, every handle already taken
+    x, idx, w = torch.randn(6, 8, device=dev), torch.tensor([1, 0, 3, 1, 2, 0], device=dev), torch.rand(6, device=dev)
+    addend = torch.randn(3, 8, device=dev)
+    return (x, idx, w, addend), lambda: scatter_fused(x, idx, w, 3, None, 0, 0, 1.0, addend)
+
+
+def _scatter_error_in_checks(dev):
+    x, idx, w = torch.randn(6, 8, device=dev), torch.tensor([1, 0, 1, 1, 2, 0], device=dev), torch.rand(5, device=dev)
+    return (x, idx, w), lambda: scatter(x, idx, w, 3)
+
+
 CALLS = {
     "functional": _functional, "identity-None_out-dtype": _identity, "out": _out,
     "out-strided-temporary": _out_strided, "strided-input-made-dense": _strided_input,
     "fused-every-option": _fused_all_options, "fused-column-addend-expanded": _fused_addend((2, 1)),
     "fused-3d-addend-reshaped": _fused_addend((1, 2, 8)),
     "error-after-unboxing": _error_after_unboxing, "error-in-fused-checks": _error_in_fused_checks,
+    "scatter": _scatter, "scatter-factors-None": _scatter_no_factors,
+    "scatter-fused-strided-input-expanded-addend": _scatter_fused_strided_input_expanded_addend,
+    "scatter-error-after-unboxing": _scatter_error_after_unboxing, "scatter-error-in-checks": _scatter_error_in_checks,
 }
 
 

@@ -11,6 +11,7 @@ One concern per module:
     models.py     the model-level comparison (TinyMoE and the HF models), with vs without the pass
     hf_models.py  Qwen3-MoE / Qwen2-MoE from transformers' own classes, random weights
     hf_eager.py   eager HF model, experts_implementation grouped_mm vs fused_moe_ops
+    scatter.py    the scatter form (moe::scatter_mul_sum) vs eager index_add_ vs Inductor, on CPU
     report.py     text tables, Markdown, JSON, the plot
     targets.py    the performance targets, evaluated on one run
 

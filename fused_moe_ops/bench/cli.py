@@ -19,6 +19,10 @@ transformers' own classes, random weights; full widths on CUDA, tiny widths on C
 fused_moe_ops/bench/hf_models.py). Table: tokens, without pass, with pass, with/without speed,
 rewrites, kernel launches.
 
+The scatter mode (--scatter). The scatter form moe::scatter_mul_sum on the CPU kernel against
+eager's ``zeros.index_add_(0, idx, y * w[:, None])`` and Inductor's kernel for that line (pass off),
+at decode and prefill shapes (fused_moe_ops/bench/scatter.py).
+
 The eager HF mode (--hf-eager). A Qwen3-MoE-shaped HF model run eagerly with transformers'
 experts_implementation "grouped_mm" and "fused_moe_ops" (fused_moe_ops/bench/hf_eager.py).
 
@@ -38,6 +42,7 @@ per shape (a mismatch is flagged in the "note" column and in the JSON).
     python -m fused_moe_ops.bench --model               # compiled models, with vs without the pass
     python -m fused_moe_ops.bench --model --model-set qwen3_moe --model-m 1,64,4096
     python -m fused_moe_ops.bench --hf-eager --threads 2    # eager HF model: grouped_mm vs fused_moe_ops
+    python -m fused_moe_ops.bench --scatter --dtype f32     # scatter form: op vs eager index_add_ vs Inductor
 
 The fusion pass API (fused_moe_ops.disable_fusion / fusion_stats) is optional: without it the
 "inductor+pass" rows and the "with pass" model columns are skipped and said so.
@@ -127,6 +132,11 @@ def parse_args(argv=None):
     g.add_argument("--hf-sentinel-mask", action="store_true",
                    help="HF models: take transformers' expert-parallel path, whose masked_fill of the expert rows "
                         "sits right before the combine (transformers <= 5.17 always runs it)")
+    g = p.add_argument_group("scatter mode")
+    g.add_argument("--scatter", action="store_true",
+                   help="the scatter form on CPU: moe::scatter_mul_sum vs eager index_add_ vs Inductor (pass off); "
+                        "shapes from --m / --k / --topk, else decode (M 1, 16; K 4096) and prefill (M 512, 4096; "
+                        "K 2048, 4096), top-8")
     g = p.add_argument_group("eager HF mode")
     g.add_argument("--hf-eager", action="store_true",
                    help="eager HF Qwen3-MoE-shaped model (2 layers, hidden 1024, 64 experts, top-8): "
@@ -172,7 +182,10 @@ def apply_defaults(args, device: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.scatter else "cpu")
+    if args.scatter and device != "cpu":
+        print("benchmark: --scatter measures the CPU kernel; pass --device cpu", file=sys.stderr)
+        return 2
     if device == "cuda" and not torch.cuda.is_available():
         print("benchmark: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
@@ -209,6 +222,9 @@ def main(argv=None) -> int:
     if args.hf_eager:
         run_hf_eager(args, device, dtype, label, result)
         return 0
+    if args.scatter:
+        run_scatter(args, dtype, label, result)
+        return 0
     if args.model:
         run_models(args, device, dtype, label, result, model_names, models_skipped)
     else:
@@ -239,6 +255,29 @@ def run_hf_eager(args, device, dtype, label, result) -> None:
     if args.md_path:
         with open(args.md_path, "w") as f:
             f.write(hf_eager.markdown(rows, label))
+        print(f"# markdown: {args.md_path}")
+    if args.json_path:
+        report.write_json(args.json_path, result)
+        print(f"# json: {args.json_path}")
+
+
+def run_scatter(args, dtype, label, result) -> None:
+    from fused_moe_ops.bench import scatter
+
+    if args.m or args.k or args.topk != [8]:
+        shapes = [(m, t, k) for t in args.topk for k in (args.k or [4096]) for m in (args.m or [1, 16, 512, 4096])]
+    else:
+        shapes = list(scatter.DEFAULT_SHAPES)
+    print(f"# scatter form on {label}, {result['dtype']}: shapes (M, topk, K) {shapes}; interleaved rounds "
+          f"(>= {args.min_rounds}), {args.stat}, rotating >= {args.rotate_mb:.0f} MiB; eager/op and ind/op = that "
+          "time / the op's time (> 1: the op is faster); inductor = torch.compile of the eager line, pass off")
+    rows = scatter.bench(shapes, dtype, args.budget, args.min_rounds, args.rotate_mb, args.max_sets)
+    result["scatter_rows"] = rows
+    if hasattr(os, "getloadavg"):
+        print(f"# load average at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+    if args.md_path:
+        with open(args.md_path, "w") as f:
+            f.write(scatter.markdown(rows, label))
         print(f"# markdown: {args.md_path}")
     if args.json_path:
         report.write_json(args.json_path, result)
