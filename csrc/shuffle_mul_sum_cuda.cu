@@ -214,12 +214,13 @@ void scatter_cuda(const TensorRef& input, const IndexLayout& index, const std::o
   const Place where = place_of(input);
   FMO_CHECK(where.type == aoti_torch_device_type_cuda(), FMO_SCATTER_PREFIX "the CUDA kernel got input on ",
             place_str(where));
-  // M is the grid's x (and, as the skip sentinel, a uint32 key); row ids are int32.
-  FMO_CHECK(s.m <= std::numeric_limits<int32_t>::max(), FMO_SCATTER_PREFIX "num_tokens must be < 2^31 on CUDA, got ",
-            s.m);
-  FMO_CHECK(s.rows <= std::numeric_limits<int32_t>::max(),
-            FMO_SCATTER_PREFIX "the CUDA kernel takes input.shape[0] < 2^31 rows, got ", s.rows);
   const bool sum = s.m > 0 && s.k > 0;
+  // Where there is a result to write, M is the grid's x (and, as the skip sentinel, a uint32 key of the
+  // sort); an empty result of any M (K = 0) only has its index checked, in int64.
+  FMO_CHECK(!sum || s.m <= std::numeric_limits<int32_t>::max(),
+            FMO_SCATTER_PREFIX "num_tokens must be < 2^31 on CUDA, got ", s.m);
+  FMO_CHECK(s.rows <= std::numeric_limits<int32_t>::max(),  // row ids are int32
+            FMO_SCATTER_PREFIX "the CUDA kernel takes input.shape[0] < 2^31 rows, got ", s.rows);
   if (s.rows == 0 && !sum) return;
   const torch::stable::accelerator::DeviceGuard guard(where.index);
   const int device = where.index;
