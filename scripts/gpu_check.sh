@@ -227,7 +227,8 @@ elif wanted codegen; then
   note codegen SKIPPED "no CUDA device visible to torch"
 fi
 
-# The CUDA test files of tests/: those that mark tests `cuda` (a file with none would only cost a start).
+# The CUDA test files of tests/: those that mark tests `cuda` (a file with none would only cost a start, and
+# end as pytest's "no tests ran", exit 5: `cuda\b`, so that `cuda_emulated` is not taken for it).
 if [ -n "${GPU_CHECK_FILES:-}" ]; then
   TEST_FILES=$GPU_CHECK_FILES
 else
@@ -236,7 +237,7 @@ else
   for f in tests/test_cuda_graphs.py tests/test_triton.py tests/test_op.py tests/test_export.py \
            tests/test_property.py tests/test_examples.py $(ls tests/test_*.py); do
     case " $TEST_FILES " in *" $f "*) continue;; esac
-    [ -f "$f" ] && grep -qE 'pytest\.mark\.cuda|MARK_CUDA|\bDEVICES\b' "$f" && TEST_FILES="$TEST_FILES $f"
+    [ -f "$f" ] && grep -qE 'pytest\.mark\.cuda\b|MARK_CUDA|\bDEVICES\b' "$f" && TEST_FILES="$TEST_FILES $f"
   done
 fi
 # pytest per file: -v (each test's name is printed when it starts, so a crash names it), junit XML.
