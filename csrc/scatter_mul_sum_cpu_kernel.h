@@ -76,7 +76,8 @@ void scatter_segments(const ScatterCpuArgs& a) {
   // second thread costs what one core needs to stream that much.
   constexpr int64_t kSerialBytes = 256 * 1024;
   const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
-  const int64_t bytes = (a.live_rows * static_cast<int64_t>(sizeof(in_t)) + m * static_cast<int64_t>(sizeof(out_t))) * k;
+  const int64_t bytes =
+      (a.live_rows * static_cast<int64_t>(sizeof(in_t)) + m * static_cast<int64_t>(sizeof(out_t))) * k;
   const bool serial = threads <= 1 || bytes < kSerialBytes;
   // K is split into chunks so that every thread has work when M is small, and so that the token with
   // the most rows (all rows to one token, or a skewed routing) is not one thread's alone: enough

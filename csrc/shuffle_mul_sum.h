@@ -731,8 +731,9 @@ inline ScatterShape check_scatter_args(const TensorRef& input, const TensorRef& 
   const int64_t rows = input.size(0);
   FMO_CHECK(dtype_of(index) == ScalarType::Int || dtype_of(index) == ScalarType::Long,
             FMO_SCATTER_PREFIX "index must have dtype int32 or int64, got ", dtype_str(dtype_of(index)));
-  FMO_CHECK(index.dim() == 1 && index.size(0) == rows, FMO_SCATTER_PREFIX "index must be a 1-D tensor of input.shape[0] = ",
-            rows, " entries (R,), got shape ", shape_str(index));
+  FMO_CHECK(index.dim() == 1 && index.size(0) == rows,
+            FMO_SCATTER_PREFIX "index must be a 1-D tensor of input.shape[0] = ", rows, " entries (R,), got shape ",
+            shape_str(index));
   const Place pi = place_of(input);
   FMO_CHECK(place_of(index) == pi, FMO_SCATTER_PREFIX "index must be on the same device as input (", place_str(pi),
             "), got ", place_str(place_of(index)));

@@ -234,7 +234,8 @@ def render(info: Dict[str, Any]) -> str:
         if info["builds"][kind].get("note"):
             add(f"  {kind}: {info['builds'][kind]['note']}")
     scatter = info["active_scatter"]
-    add("Kernels for moe::scatter_mul_sum: " + ", ".join(f"{kind} {scatter.get(kind, '-')}" for kind in ("cpu", "cuda")))
+    add("Kernels for moe::scatter_mul_sum: "
+        + ", ".join(f"{kind} {scatter.get(kind, '-')}" for kind in ("cpu", "cuda")))
     add("")
     fu = info["fusion"]
     if fu["installed"]:

@@ -50,7 +50,8 @@ x = torch.randn(6, 3); p = torch.tensor([0, -1, 2, 5, 4, 1]); f = torch.rand(3, 
 ref = fused_moe_ops.shuffle_mul_sum_reference(x, p, f, acc_dtype=torch.float64)
 ok = bool(torch.allclose(torch.ops.moe.shuffle_mul_sum(x, p, f).double(), ref.double(), rtol=1e-5, atol=1e-6))
 print(json.dumps({
-    "registered": reg, "registered_scatter": reg_scatter, "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": tv,
+    "registered": reg, "registered_scatter": reg_scatter,
+    "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": tv,
     "op_ok": ok,
     "runtime_warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
 }))

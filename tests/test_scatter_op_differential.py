@@ -58,7 +58,8 @@ class ScatterSpec:
     dtype: torch.dtype
     index_dtype: torch.dtype
     negative_index: int
-    routing: str               # "uniform" | "one-token" (every live row to one token) | "skewed" | "sparse" (few tokens reached)
+    routing: str               # "uniform" | "one-token" (every live row to one token) | "skewed" |
+                               # "sparse" (few tokens reached)
     factors: Optional[torch.dtype]  # None: factors=None
     factors_strided: bool
     factor_round: int
@@ -155,7 +156,8 @@ def make_case(spec: ScatterSpec, seed: int):
             entries[pos + 1] = m + 7
     index = torch.tensor(entries, dtype=torch.int64).to(spec.index_dtype)
     if spec.index_strided:
-        index = torch.stack([index, torch.full_like(index, 2 ** 30)], 1).view(-1)[::2]  # stride 2; the gaps are out of range
+        # stride 2; the entries in the gaps are out of range, so reading one would raise
+        index = torch.stack([index, torch.full_like(index, 2 ** 30)], 1).view(-1)[::2]
     f = None
     if spec.factors is not None:
         base = (torch.rand(rows * (2 if spec.factors_strided else 1), generator=g, dtype=torch.float64) * 1.5 - 0.25)
@@ -278,7 +280,8 @@ def assert_scatter_matches_reference(out, spec: ScatterSpec, x, index, f, a, des
     overflow_ok = torch.isinf(got[fin]) & (torch.sign(got[fin]) == torch.sign(ref[fin])) & \
         (ref[fin].abs() + bound >= torch.finfo(out_dtype).max)
     bad = ~((err <= bound) | overflow_ok)
-    assert not bad.any(), f"{what}: {int(bad.sum())} elements outside the bound; worst err/bound {(err / bound).max().item():.3g}"
+    assert not bad.any(), \
+        f"{what}: {int(bad.sum())} elements outside the bound; worst err/bound {(err / bound).max().item():.3g}"
 
 
 def assert_bitwise_float32_in_order(out, spec: ScatterSpec, x, f, a, dest, what: str) -> None:
