@@ -249,7 +249,8 @@ CUDA_PROBE = """
     print(json.dumps({"ok": r.ok, "error": r.error, "skipped": r.skipped, "library": r.library,
                       "active": _registry.ACTIVE.get("cuda"),
                       "dump": torch._C._dispatch_dump("moe::shuffle_mul_sum"),
-                      "out_has_cuda": torch._C._dispatch_has_kernel_for_dispatch_key("moe::shuffle_mul_sum.out", "CUDA"),
+                      "out_has_cuda": torch._C._dispatch_has_kernel_for_dispatch_key("moe::shuffle_mul_sum.out",
+                                                                                     "CUDA"),
                       "scatter_active": _registry.SCATTER_ACTIVE.get("cuda"),
                       "scatter_dumps": [torch._C._dispatch_dump(f"moe::{op}")
                                         for op in ("scatter_mul_sum", "_scatter_mul_sum_fused")]}))

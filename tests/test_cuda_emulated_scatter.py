@@ -100,7 +100,8 @@ def assert_matches_float64(out: torch.Tensor, c: ScatterCall, what: str) -> None
     got = out.double()
     assert out.dtype == out_dtype and tuple(out.shape) == (c.num_tokens, c.input.shape[1]), \
         f"{what}: {out.dtype} {tuple(out.shape)}"
-    assert torch.equal(torch.isnan(got), torch.isnan(ref)), f"{what}: NaN where the reference has none, or none where it has"
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)), \
+        f"{what}: NaN where the reference has none, or none where it has"
     finite = torch.isfinite(ref) & torch.isfinite(s)
     acc_err = (count[:, None] + 3) * FP32_U * s
     bound = (acc_err + FP32_U * ref.abs() + UNIT_ROUNDOFF[out_dtype] * (ref.abs() + acc_err)
@@ -253,14 +254,16 @@ def test_case(name):
     if spec.m == 0 or spec.k == 0:
         assert all(r.shape == (0, 0, 0) for r in results), "a segment-sum launch for an empty result"
     elif not vec_ok:
-        assert all(r.shape[2] == 1 for r in results), f"the vector path for rows that do not allow it: {results[0].shape}"
+        assert all(r.shape[2] == 1 for r in results), \
+            f"the vector path for rows that do not allow it: {results[0].shape}"
     elif spec.launches == LAUNCHES and spec.m:
         assert any(r.shape[2] > 1 for r in results), "the vector path never taken"
     if name == "decode-M1-column-slices":
         assert max(r.shape[1] for r in results) > 1, [r.shape for r in results]
 
 
-@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["in-f32", "in-f16", "in-bf16"])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["in-f32", "in-f16", "in-bf16"])
 def test_every_output_dtype(in_dtype):
     g = gen(seed_of("dtypes", in_dtype))
     x = make_input(30, 40, in_dtype, g)

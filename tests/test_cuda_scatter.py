@@ -133,9 +133,9 @@ def test_out_of_range_entry_trips_the_device_assert(mode, value):
     torch.ops.moe._scatter_mul_sum_fused(x, index, f, 300, None, {mode})""")
 
 
-# test_schema, test_autograd_registration, test_faketensor, test_aot_dispatch_dynamic (test_op.py's set): the CUDA kernel agrees with the fake
-# (shapes, dtypes, strides) and the schema (nothing mutated, nothing aliased); no grad inputs, so the
-# backward (there is none) is not traced.
+# test_schema, test_autograd_registration, test_faketensor, test_aot_dispatch_dynamic (test_op.py's set):
+# the CUDA kernel agrees with the fake (shapes, dtypes, strides) and the schema (nothing mutated, nothing
+# aliased); no grad inputs, so the backward (there is none) is not traced.
 NO_GRAD_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 

@@ -286,9 +286,12 @@ def test_cuda_symbols_decode_to_their_template_arguments():
     assert cuda.decode_symbol("_ZN13fused_moe_ops11cuda_kernel22shuffle_mul_sum_kernelIN3c108BFloat16ENS2_4HalfELi1EEEvNS0_6ParamsE") == ("bfloat16", "float16", 1)
     assert cuda.decode_symbol("_ZN13fused_moe_ops11cuda_kernel22shuffle_mul_sum_kernelIfN3c104HalfELi4EEEvNS0_6ParamsE") == ("float32", "float16", 4)
     assert cuda.decode_symbol("_ZN13fused_moe_ops11cuda_kernel22shuffle_mul_sum_kernelIffLi4EEEvNS0_6ParamsE") == ("float32", "float32", 4)
-    assert cuda.decode_symbol("_ZN13fused_moe_ops11cuda_kernel26scatter_segment_sum_kernelIN3c108BFloat16EfLi8EEEvNS0_16SegmentSumParamsE") == ("bfloat16", "float32", 8)
-    assert cuda.kernel_of("_ZN13fused_moe_ops11cuda_kernel26scatter_segment_sum_kernelIffLi1EEEvNS0_16SegmentSumParamsE") == "scatter_segment_sum_kernel"
-    assert cuda.decode_keys_symbol("_ZN13fused_moe_ops11cuda_kernel19scatter_keys_kernelIlEEvNS0_17ScatterKeysParamsE") == "int64"
+    segment_sum = "_ZN13fused_moe_ops11cuda_kernel26scatter_segment_sum_kernel"
+    bf16_to_f32 = f"{segment_sum}IN3c108BFloat16EfLi8EEEvNS0_16SegmentSumParamsE"
+    assert cuda.decode_symbol(bf16_to_f32) == ("bfloat16", "float32", 8)
+    assert cuda.kernel_of(f"{segment_sum}IffLi1EEEvNS0_16SegmentSumParamsE") == "scatter_segment_sum_kernel"
+    keys = "_ZN13fused_moe_ops11cuda_kernel19scatter_keys_kernel"
+    assert cuda.decode_keys_symbol(f"{keys}IlEEvNS0_17ScatterKeysParamsE") == "int64"
     with pytest.raises(ValueError):
         cuda.kernel_of("_ZN3cub6detail11some_kernelIiEEvv")
 

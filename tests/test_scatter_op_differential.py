@@ -317,7 +317,9 @@ def run_case(kernel: str, seed: int, i: int) -> None:
         except RuntimeError as e:
             # The CUDA kernel checks the range on the device (no host sync): a device-side assert, as
             # cudaErrorAssert reports it, not the host's IndexError.
-            if kernel != "cuda_emulated" or "device-side assert triggered" not in str(e) or "out of range" not in str(e):
+            message = str(e)
+            if (kernel != "cuda_emulated" or "device-side assert triggered" not in message
+                    or "out of range" not in message):
                 raise
         else:
             raise AssertionError(f"case {seed}/{i}: no IndexError for a bad entry ({want})")
