@@ -161,7 +161,16 @@ __device__ __forceinline__ int64_t row_offset(int64_t row, int64_t row_stride) {
 #endif
 }
 
-template <typename in_t, int VEC>
+// acc += w * x for one staged slot: one fused multiply-add (the gather kernel), or, with kRoundProducts,
+// the product rounded to float32 before the add (the scatter form's contract: bitwise the float32
+// reference's `input * factors` then index_add_; __fmul_rn / __fadd_rn are never contracted into an FMA).
+template <bool kRoundProducts>
+__device__ __forceinline__ float multiply_add(float w, float x, float acc) {
+  if (kRoundProducts) return __fadd_rn(acc, __fmul_rn(w, x));
+  return fmaf(w, x, acc);
+}
+
+template <typename in_t, int VEC, bool kRoundProducts = false>
 __device__ __forceinline__ void accumulate(const Params& P, const int64_t* s_rows, const float* s_w, int n,
                                            int64_t c, float (&acc)[VEC]) {
   const in_t* __restrict__ input = static_cast<const in_t*>(P.input);
@@ -176,7 +185,7 @@ __device__ __forceinline__ void accumulate(const Params& P, const int64_t* s_row
     for (int u = 0; u < 4; ++u) {
       const float w = s_w[s + u];
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w, static_cast<float>(x[u].v[v]), acc[v]);
+      for (int v = 0; v < VEC; ++v) acc[v] = multiply_add<kRoundProducts>(w, static_cast<float>(x[u].v[v]), acc[v]);
     }
   }
   for (; s < n; ++s) {
@@ -190,7 +199,7 @@ __device__ __forceinline__ void accumulate(const Params& P, const int64_t* s_row
     const float w = s_w[s];
 #endif
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w, static_cast<float>(x.v[v]), acc[v]);
+    for (int v = 0; v < VEC; ++v) acc[v] = multiply_add<kRoundProducts>(w, static_cast<float>(x.v[v]), acc[v]);
   }
 }
 

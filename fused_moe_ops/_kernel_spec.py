@@ -15,7 +15,9 @@ the same file with the same flags.
 """
 
 CPU_SOURCES = ["shuffle_mul_sum_cpu.cpp"]
-CUDA_SOURCES = ["shuffle_mul_sum_cuda.cu"]
+# The first is the one the machine-code checks compile (fused_moe_ops/codegen): every kernel of ours; the
+# second holds only the scatter form's CUB sort (scatter_sort_cuda.h).
+CUDA_SOURCES = ["shuffle_mul_sum_cuda.cu", "scatter_sort_cuda.cu"]
 HEADER_SUFFIXES = (".h", ".cuh")
 
 # The oldest torch the libraries serve, and its TORCH_TARGET_VERSION (0xMMmmpp... : 2.10.0).

@@ -7,7 +7,8 @@
           FUSED_MOE_OPS_CUDA_BACKEND=cuda|triton|reference forces one. Where no GPU is visible no CUDA
           tensor can reach the op: the CUDA key gets the reference, and neither the CUDA library nor
           Triton is loaded (both cost import time), unless asked for (build). The scatter form: the
-          Triton kernel where it serves the gather form, else the reference.
+          CUDA kernel where the library serves CUDA, the Triton kernel where it serves the gather
+          form, else the reference.
     Meta / FakeTensor: ops.py's fake.
 
 A fallback is announced with one warning that says why (the compiler's full message is in
@@ -183,7 +184,7 @@ def _setup_cuda() -> None:
         result = _build.build_cuda(on_import=True)
         if result.ok:
             ACTIVE["cuda"] = "cuda"
-            _register_scatter_reference("CUDA")  # the CUDA library serves the gather form only
+            SCATTER_ACTIVE["cuda"] = "cuda"  # the library registers both forms
             return
         reasons.append(f"CUDA kernel not built: {result.skipped or _short(result.error or '')}")
     if forced == "triton" or (forced is None and gpu):
@@ -223,5 +224,7 @@ def setup() -> None:
         return
     _DONE = True
     _register_autograd()
+    # The scatter form is registered with the gather form: by the C++ libraries where they load, else
+    # by _setup_cpu's / _setup_cuda's fallbacks (the Triton kernel, the reference).
     _setup_cpu()
     _setup_cuda()

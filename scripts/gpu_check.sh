@@ -20,10 +20,13 @@
 #                a crash names its test (the last one started) and the other files still run;
 #              * scripts/sanitize_kernels.py (both kernels, every code path, checked against float64)
 #                under compute-sanitizer: memcheck, racecheck, synccheck on the CUDA kernel, memcheck
-#                on the Triton kernel (its small case set: each specialisation is a JIT compile)
+#                on the Triton kernel (its small case set: each specialisation is a JIT compile);
+#                scripts/sanitize_scatter.py (the scatter form's CUDA kernels, bit for bit the float32
+#                reference) under memcheck and racecheck
 #   bench      python -m fused_moe_ops.bench --device cuda --grid pass-vs-inductor --compile dynamic:
 #              alone on the GPU, after the tests
 #   model      python -m fused_moe_ops.bench --device cuda --model (compiled MoE blocks, +- the pass)
+#   scatter    scripts/scatter_timing.py: moe::scatter_mul_sum against eager index_add_, decode to prefill
 #   ep         torchrun --nproc-per-node 1 examples/expert_parallel.py --backend nccl --scheme both --compile
 #              (skipped when the example is absent)
 #   slowtests, compiletests   in parallel, with the time left: -m "cuda and slow" per tests/ file,
@@ -38,7 +41,7 @@
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds, default 450), GPU_CHECK_JOBS
 # (parallel test/sanitizer processes, default 4), GPU_CHECK_STEPS (comma list, default
-# env,build,backends,codegen,tests,sanitize,bench,model,ep,slowtests,compiletests; `sanitize` selects the
+# env,build,backends,codegen,tests,sanitize,bench,model,scatter,ep,slowtests,compiletests; `sanitize` selects the
 # sanitizer jobs of the tests phase), GPU_CHECK_FILES (space list of test files for the tests phase,
 # default: every tests/test_*.py that has CUDA tests), GPU_CHECK_CPU_MARK (without a GPU: run the
 # tests phase anyway with this marker, e.g. "not cuda", to check the script), GPU_CHECK_ASSUME_GPU=1
@@ -73,7 +76,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 export FUSED_MOE_OPS_CACHE=${FUSED_MOE_OPS_CACHE:-$HOME/.cache/fused_moe_ops}
 export MAX_JOBS=${MAX_JOBS:-16}
 
-STEPS_WANTED=${GPU_CHECK_STEPS:-env,build,backends,codegen,tests,sanitize,bench,model,ep,slowtests,compiletests}
+STEPS_WANTED=${GPU_CHECK_STEPS:-env,build,backends,codegen,tests,sanitize,bench,model,scatter,ep,slowtests,compiletests}
 remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
 wanted() { case ",$STEPS_WANTED," in *",$1,"*) return 0;; *) return 1;; esac; }
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STEPS"; }
@@ -224,7 +227,8 @@ elif wanted codegen; then
   note codegen SKIPPED "no CUDA device visible to torch"
 fi
 
-# The CUDA test files of tests/: those that mark tests `cuda` (a file with none would only cost a start).
+# The CUDA test files of tests/: those that mark tests `cuda` (a file with none would only cost a start, and
+# end as pytest's "no tests ran", exit 5: `cuda\b`, so that `cuda_emulated` is not taken for it).
 if [ -n "${GPU_CHECK_FILES:-}" ]; then
   TEST_FILES=$GPU_CHECK_FILES
 else
@@ -233,7 +237,7 @@ else
   for f in tests/test_cuda_graphs.py tests/test_triton.py tests/test_op.py tests/test_export.py \
            tests/test_property.py tests/test_examples.py $(ls tests/test_*.py); do
     case " $TEST_FILES " in *" $f "*) continue;; esac
-    [ -f "$f" ] && grep -qE 'pytest\.mark\.cuda|MARK_CUDA|\bDEVICES\b' "$f" && TEST_FILES="$TEST_FILES $f"
+    [ -f "$f" ] && grep -qE 'pytest\.mark\.cuda\b|MARK_CUDA|\bDEVICES\b' "$f" && TEST_FILES="$TEST_FILES $f"
   done
 fi
 # pytest per file: -v (each test's name is printed when it starts, so a crash names it), junit XML.
@@ -247,9 +251,13 @@ sanitize_job() {  # sanitize_job NAME CAP TOOL BACKEND
   add_job "$1" "$2" sanitize env OMP_NUM_THREADS=4 "$CS" --tool "$3" --target-processes application-only \
     --report-api-errors no --error-exitcode 86 "$PY" scripts/sanitize_kernels.py --device cuda --backend "$4"
 }
+sanitize_scatter_job() {  # sanitize_scatter_job NAME CAP TOOL: the scatter form's CUDA kernels (CUB's sort included)
+  add_job "$1" "$2" sanitize env OMP_NUM_THREADS=4 "$CS" --tool "$3" --target-processes application-only \
+    --report-api-errors no --error-exitcode 86 "$PY" scripts/sanitize_scatter.py --device cuda
+}
 
 if [ $HAS_GPU = 0 ]; then
-  for s in tests sanitize bench model ep slowtests compiletests; do
+  for s in tests sanitize bench model scatter ep slowtests compiletests; do
     if wanted "$s"; then note "$s" SKIPPED "no CUDA device visible to torch"; fi
   done
   if [ -n "${GPU_CHECK_CPU_MARK:-}" ]; then
@@ -268,6 +276,8 @@ else
     sanitize_job racecheck_cuda 120 racecheck cuda
     sanitize_job synccheck_cuda 120 synccheck cuda
     sanitize_job memcheck_triton 120 memcheck triton
+    sanitize_scatter_job memcheck_scatter 90 memcheck
+    sanitize_scatter_job racecheck_scatter 90 racecheck
   }
   n=0
   for f in $TEST_FILES; do
@@ -286,6 +296,7 @@ else
     --json "$OUT/bench_gpu.json" --plot "$OUT/bench_gpu.png"
   step model 120 30 "$PY" -m fused_moe_ops.bench --device cuda --model --model-set qwen3_moe,tiny \
     --model-m 4096,512,64,8,1 --budget 0.05 --json "$OUT/model_gpu.json"
+  step scatter 30 0 "$PY" scripts/scatter_timing.py --iters 50
   if [ -f examples/expert_parallel.py ]; then
     step ep 45 0 "$PY" -m torch.distributed.run --nproc-per-node 1 examples/expert_parallel.py \
       --backend nccl --scheme both --compile

@@ -249,7 +249,11 @@ CUDA_PROBE = """
     print(json.dumps({"ok": r.ok, "error": r.error, "skipped": r.skipped, "library": r.library,
                       "active": _registry.ACTIVE.get("cuda"),
                       "dump": torch._C._dispatch_dump("moe::shuffle_mul_sum"),
-                      "out_has_cuda": torch._C._dispatch_has_kernel_for_dispatch_key("moe::shuffle_mul_sum.out", "CUDA")}))
+                      "out_has_cuda": torch._C._dispatch_has_kernel_for_dispatch_key("moe::shuffle_mul_sum.out",
+                                                                                     "CUDA"),
+                      "scatter_active": _registry.SCATTER_ACTIVE.get("cuda"),
+                      "scatter_dumps": [torch._C._dispatch_dump(f"moe::{op}")
+                                        for op in ("scatter_mul_sum", "_scatter_mul_sum_fused")]}))
 """
 
 
@@ -278,6 +282,11 @@ def test_cuda_sources_compile_and_register(cuda_build):
     assert "shuffle_mul_sum_cuda.cu" in info["dump"], info["dump"]
     # Both overloads are served by the CUDA library.
     assert info["out_has_cuda"]
+    # The scatter form too, by the same library (not the reference of the fallbacks).
+    assert info["scatter_active"] == "cuda"
+    for dump in info["scatter_dumps"]:
+        cuda_line = next(line for line in dump.splitlines() if line.startswith("CUDA:"))
+        assert "shuffle_mul_sum_cuda.cu" in cuda_line, dump
 
 
 def test_cuda_library_targets_sm80_and_sm90_with_ptx(cuda_build):

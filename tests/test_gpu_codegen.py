@@ -1,11 +1,14 @@
 """The kernels' GPU machine code, compiled and checked without a GPU (fused_moe_ops/codegen;
 docs/BENCHMARKS.md, "Machine code"): both kernels for sm_80, sm_90 and sm_100.
 
-* The CUDA kernel: every instantiation shuffle_mul_sum_kernel<in_t, out_t, VEC> through nvcc and
-  ptxas, for each arch as the library runs it there (its sm_80 / sm_90 cubins; on sm_100 the
-  driver's JIT of its compute_90 PTX, assembled here by ptxas): input rows and the addend read
-  with one 128-bit load per thread in the 16-byte instantiations, no spill, registers and shared
-  memory within the occupancy budget (test_cuda_fits_the_occupancy_budget says which and why).
+* The CUDA kernels: every instantiation of the combine kernels (the gather form's
+  shuffle_mul_sum_kernel<in_t, out_t, VEC>, the scatter form's scatter_segment_sum_kernel<in_t, out_t,
+  VEC>) and of the scatter form's scatter_keys_kernel<index_t>, through nvcc and ptxas, for each arch
+  as the library runs it there (its sm_80 / sm_90 cubins; on sm_100 the driver's JIT of its
+  compute_90 PTX, assembled here by ptxas): input rows and the addend read with one 128-bit load per
+  thread in the 16-byte instantiations, no spill, registers and shared memory within the occupancy
+  budget (test_cuda_fits_the_occupancy_budget says which and why). The scatter form's CUB sort is a
+  translation unit of its own (csrc/scatter_sort_cuda.cu), not compiled here.
 * The Triton kernel: every specialization the op launches (all dtype pairs, each flag and option,
   top-k blocks, every autotune config) compiled with the alignment hints Triton's runtime gives
   16-byte-aligned tensors: input rows, the addend and the output as wide as the layout allows
@@ -101,11 +104,14 @@ def triton_compiled(triton_available, tmp_path_factory):
 # --- the CUDA kernel --------------------------------------------------------------------------------
 
 def test_cuda_every_instantiation_compiles_for_each_arch(cuda_images):
+    want = {(a, b, v) for a in ALL_DTYPES for b in ALL_DTYPES for v in (1, 16 // (4 if a == "float32" else 2))}
     for arch in ARCHS:
         kernels, _ = cuda_images[arch]
-        got = {(k.input, k.output, k.vec) for k in kernels}
-        want = {(a, b, v) for a in ALL_DTYPES for b in ALL_DTYPES for v in (1, 16 // (4 if a == "float32" else 2))}
-        assert got == want, (arch, sorted(got ^ want))
+        for kernel in cuda.COMBINE_KERNELS:
+            got = [(k.input, k.output, k.vec) for k in kernels if k.kernel == kernel]
+            assert len(got) == len(want) and set(got) == want, (arch, kernel, sorted(set(got) ^ want))
+        assert sorted(k.input for k in kernels if k.kernel == cuda.KEYS_KERNEL) == ["int32", "int64"], arch
+        assert len(kernels) == 2 * len(want) + 2, (arch, [k.name for k in kernels])
         assert all(k.arch == f"sm_{arch}" for k in kernels)
 
 
@@ -114,7 +120,7 @@ def test_cuda_row_loads_are_128_bit_and_nothing_spills(cuda_images):
     assert problems == []
     for arch in ARCHS:
         for k in cuda_images[arch][0]:
-            if k.vectorised:  # the unrolled step's four loads and the tail's, at least
+            if k.combine and k.vectorised:  # the unrolled step's four loads and the tail's, at least
                 assert k.widths["row"].count(128) >= 5, (arch, k.name, k.widths)
 
 
@@ -153,14 +159,15 @@ def test_cuda_check_fails_on_a_spill(cuda_home, cuda_images, tmp_path):
     import re
 
     capped = re.sub(r"^(\s*\.maxntid[^\n]*)$", r"\1\n.maxnreg 24", cuda_images[90][1], flags=re.M)
-    assert capped.count(".maxnreg 24") == 18
+    assert capped.count(".maxnreg 24") == len(ptx.entries(capped)) == 38
     ptx_file = tmp_path / "kernel.ptx"
     ptx_file.write_text(capped)
     log = cuda.assemble(cuda_home, ptx_file, 90)
     kernels = cuda.instantiations(capped, log, 90, 90)
     for k in kernels:
         assert k.resources.registers <= 24, (k.name, k.resources)
-        assert any("spills" in p for p in cuda.problems(k)), (k.name, k.resources)
+        if k.combine:  # the keys kernel fits in 24 registers
+            assert any("spills" in p for p in cuda.problems(k)), (k.name, k.resources)
 
 
 # --- the Triton kernel ------------------------------------------------------------------------------
@@ -279,6 +286,14 @@ def test_cuda_symbols_decode_to_their_template_arguments():
     assert cuda.decode_symbol("_ZN13fused_moe_ops11cuda_kernel22shuffle_mul_sum_kernelIN3c108BFloat16ENS2_4HalfELi1EEEvNS0_6ParamsE") == ("bfloat16", "float16", 1)
     assert cuda.decode_symbol("_ZN13fused_moe_ops11cuda_kernel22shuffle_mul_sum_kernelIfN3c104HalfELi4EEEvNS0_6ParamsE") == ("float32", "float16", 4)
     assert cuda.decode_symbol("_ZN13fused_moe_ops11cuda_kernel22shuffle_mul_sum_kernelIffLi4EEEvNS0_6ParamsE") == ("float32", "float32", 4)
+    segment_sum = "_ZN13fused_moe_ops11cuda_kernel26scatter_segment_sum_kernel"
+    bf16_to_f32 = f"{segment_sum}IN3c108BFloat16EfLi8EEEvNS0_16SegmentSumParamsE"
+    assert cuda.decode_symbol(bf16_to_f32) == ("bfloat16", "float32", 8)
+    assert cuda.kernel_of(f"{segment_sum}IffLi1EEEvNS0_16SegmentSumParamsE") == "scatter_segment_sum_kernel"
+    keys = "_ZN13fused_moe_ops11cuda_kernel19scatter_keys_kernel"
+    assert cuda.decode_keys_symbol(f"{keys}IlEEvNS0_17ScatterKeysParamsE") == "int64"
+    with pytest.raises(ValueError):
+        cuda.kernel_of("_ZN3cub6detail11some_kernelIiEEvv")
 
 
 def test_the_checked_lines_are_found_in_the_sources():

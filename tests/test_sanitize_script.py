@@ -16,6 +16,9 @@ from _moe_testlib import ROOT, child_env, describe_exit
 SCRIPT = ROOT / "scripts" / "sanitize_kernels.py"
 
 
+SCATTER_SCRIPT = ROOT / "scripts" / "sanitize_scatter.py"
+
+
 def _module():
     spec = importlib.util.spec_from_file_location("sanitize_kernels", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
@@ -36,6 +39,17 @@ def test_dry_run_on_cpu():
     m = re.match(r"sanitize_kernels: (\d+)/(\d+) cases ok", last)
     assert m and m.group(1) == m.group(2) and int(m.group(2)) >= 10, last
     assert proc.stdout.count("\nok   ") + proc.stdout.startswith("ok   ") == int(m.group(2)), proc.stdout
+
+
+def test_scatter_dry_run_on_cpu():
+    """scripts/sanitize_scatter.py (the scatter form's cases gpu_check runs under compute-sanitizer) on
+    whatever serves the scatter form on CPU: every case bit for bit the float32 reference."""
+    proc = subprocess.run([sys.executable, str(SCATTER_SCRIPT), "--device", "cpu"], capture_output=True, text=True,
+                          timeout=300, cwd=str(ROOT), env=child_env())
+    assert proc.returncode == 0, describe_exit(proc)
+    last = proc.stdout.strip().splitlines()[-1]
+    m = re.match(r"sanitize_kernels: (\d+)/(\d+) cases ok", last)
+    assert m and m.group(1) == m.group(2) and int(m.group(2)) >= 10, last
 
 
 def test_no_matching_case_is_an_error(monkeypatch, capsys):

@@ -1,8 +1,9 @@
-"""The CUDA kernel's machine code, compiled here without a GPU: csrc/shuffle_mul_sum_cuda.cu through
+"""The CUDA kernels' machine code, compiled here without a GPU: csrc/shuffle_mul_sum_cuda.cu through
 nvcc (device code only, to PTX, with the library's flags) and ptxas, per architecture; for each
-instantiation of shuffle_mul_sum_kernel<in_t, out_t, VEC> the width of its input-row loads, addend
-loads and output stores (from the PTX, by source line), and its registers, spills, stack and shared
-memory (ptxas -v).
+instantiation of a combine kernel (the gather form's shuffle_mul_sum_kernel<in_t, out_t, VEC>, the
+scatter form's scatter_segment_sum_kernel<in_t, out_t, VEC>) the width of its input-row loads, addend
+loads and output stores (from the PTX, by source line), and for those and the scatter form's
+scatter_keys_kernel<index_t> their registers, spills, stack and shared memory (ptxas -v).
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ ACCESS_PATTERNS = {
     "store": r"reinterpret_cast<Pack<out_t, VEC>\*>\(static_cast<out_t\*>\(P\.out\)",
 }
 
+# The kernels templated on <in_t, out_t, VEC> that read input rows through accumulate / store (the
+# accesses checked); the gather form's first.
+COMBINE_KERNELS = ("shuffle_mul_sum_kernel", "scatter_segment_sum_kernel")
+KEYS_KERNEL = "scatter_keys_kernel"  # <index_t>: reads the index, writes keys (no row access)
+_INDEX_DTYPES = {"i": "int32", "l": "int64"}
+
 _DTYPES = {"f": "float32", "Half": "float16", "BFloat16": "bfloat16"}
 _ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _TEMPLATE_ARG = re.compile(r"f|N(?:3c10|S\d*_)(?:4Half|8BFloat16)E|S\d*_|Li(\d+)E")
@@ -33,7 +40,8 @@ _TEMPLATE_ARG = re.compile(r"f|N(?:3c10|S\d*_)(?:4Half|8BFloat16)E|S\d*_|Li(\d+)
 
 @dataclasses.dataclass
 class Instantiation:
-    """One shuffle_mul_sum_kernel<in_t, out_t, VEC> for one architecture."""
+    """One instantiation of one of our kernels for one architecture: a combine kernel's
+    <in_t, out_t, VEC>, or the keys kernel's <index_t> (input = the index dtype, output "", vec 1)."""
 
     arch: str                 # "sm_90"
     ptx_arch: str             # "compute_90": the PTX it was assembled from
@@ -43,10 +51,19 @@ class Instantiation:
     vec: int
     resources: ptxlib.Resources
     widths: Dict[str, List[int]]  # "row" / "addend" / "store" -> the bit width of each such access
+    kernel: str = COMBINE_KERNELS[0]
 
     @property
     def name(self) -> str:
-        return f"{self.input}->{self.output} x{self.vec}"
+        if self.kernel == KEYS_KERNEL:
+            return f"{KEYS_KERNEL} {self.input}"
+        prefix = "" if self.kernel == COMBINE_KERNELS[0] else f"{self.kernel} "
+        return f"{prefix}{self.input}->{self.output} x{self.vec}"
+
+    @property
+    def combine(self) -> bool:
+        """A kernel that reads input rows (the accesses checked), not the keys kernel."""
+        return self.kernel in COMBINE_KERNELS
 
     @property
     def vectorised(self) -> bool:
@@ -54,11 +71,29 @@ class Instantiation:
         return self.vec > 1
 
 
+def kernel_of(symbol: str) -> str:
+    """Which of our kernels a mangled symbol instantiates (ValueError for any other)."""
+    for kernel in COMBINE_KERNELS + (KEYS_KERNEL,):
+        if f"{len(kernel)}{kernel}I" in symbol:
+            return kernel
+    raise ValueError(f"not an instantiation of {', '.join(COMBINE_KERNELS + (KEYS_KERNEL,))}: {symbol}")
+
+
+def decode_keys_symbol(symbol: str) -> str:
+    """'_ZN..19scatter_keys_kernelIiEEvNS0_17ScatterKeysParamsE' -> 'int32'."""
+    code = symbol.split(f"{len(KEYS_KERNEL)}{KEYS_KERNEL}I", 1)[1][:1]
+    if code not in _INDEX_DTYPES:
+        raise ValueError(f"cannot decode {symbol}")
+    return _INDEX_DTYPES[code]
+
+
 def decode_symbol(symbol: str) -> Tuple[str, str, int]:
-    """'_ZN..shuffle_mul_sum_kernelIN3c108BFloat16ES3_Li8EEEvNS0_6ParamsE' -> ('bfloat16', 'bfloat16', 8)."""
-    marker = "shuffle_mul_sum_kernelI"
-    if marker not in symbol:
-        raise ValueError(f"not a shuffle_mul_sum_kernel instantiation: {symbol}")
+    """'_ZN..shuffle_mul_sum_kernelIN3c108BFloat16ES3_Li8EEEvNS0_6ParamsE' -> ('bfloat16', 'bfloat16', 8);
+    the same for scatter_segment_sum_kernel."""
+    kernel = kernel_of(symbol)
+    if kernel not in COMBINE_KERNELS:
+        raise ValueError(f"not a combine kernel instantiation: {symbol}")
+    marker = f"{kernel}I"
     rest, types, vec = symbol.split(marker, 1)[1], [], None
     while vec is None:
         m = _TEMPLATE_ARG.match(rest)
@@ -149,6 +184,12 @@ def instantiations(ptx_text: str, ptxas_log: str, arch: int, ptx_arch: int,
     accesses = ptxlib.global_accesses(ptx_text)
     out = []
     for symbol in ptxlib.entries(ptx_text):
+        kernel = kernel_of(symbol)
+        if kernel == KEYS_KERNEL:
+            out.append(Instantiation(f"sm_{arch}", f"compute_{ptx_arch}", symbol, decode_keys_symbol(symbol), "", 1,
+                                     resources.get(symbol, ptxlib.Resources()), {name: [] for name in lines},
+                                     kernel))
+            continue
         in_t, out_t, vec = decode_symbol(symbol)
         widths: Dict[str, List[int]] = {name: [] for name in lines}
         for a in accesses:
@@ -158,8 +199,9 @@ def instantiations(ptx_text: str, ptxas_log: str, arch: int, ptx_arch: int,
                 if a.line in numbers and (a.kind == "st") == (name == "store"):
                     widths[name].append(a.bits)
         out.append(Instantiation(f"sm_{arch}", f"compute_{ptx_arch}", symbol, in_t, out_t, vec,
-                                 resources.get(symbol, ptxlib.Resources()), widths))
-    return sorted(out, key=lambda k: (k.input, k.output, k.vec))
+                                 resources.get(symbol, ptxlib.Resources()), widths, kernel))
+    order = {name: i for i, name in enumerate(COMBINE_KERNELS + (KEYS_KERNEL,))}
+    return sorted(out, key=lambda k: (order[k.kernel], k.input, k.output, k.vec))
 
 
 def compile_arch(cuda_home: str, arch: int, ptx_arch: Optional[int] = None, defines: Sequence[str] = (),
@@ -208,6 +250,13 @@ def problems(k: Instantiation) -> List[str]:
     not one element wide, no row load found, or any spill. Output stores are reported
     (Instantiation.widths["store"]), not checked: see docs/BENCHMARKS.md, "Machine code"."""
     out = []
+    if not k.combine:  # the keys kernel: no row access to check
+        if k.resources.spills:
+            out.append(f"{k.arch} {k.name}: spills {k.resources.spill_stores} bytes stored, "
+                       f"{k.resources.spill_loads} loaded")
+        if not k.resources.registers:
+            out.append(f"{k.arch} {k.name}: no ptxas resource report")
+        return out
     if not k.widths["row"]:
         out.append(f"{k.arch} {k.name}: no input-row load found at the lines of {DEVICE_HEADER} (code moved?)")
     for name in ("row", "addend"):

@@ -55,6 +55,8 @@ def observe(cuda_home: str) -> List[Dict]:
     module = ctypes.c_void_p()
     call("cuModuleLoadData", ctypes.byref(module), ctypes.c_char_p(image))
     for k in kernels:
+        if k.kernel != cuda.COMBINE_KERNELS[0]:
+            continue  # the table (report.py) tabulates the gather kernel
         function = ctypes.c_void_p()
         call("cuModuleGetFunction", ctypes.byref(function), module, k.symbol.encode())
         for threads in report.CUDA_THREADS:

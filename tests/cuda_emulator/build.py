@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 SOURCES = [HERE / "runner.cpp", HERE / "selftest.cpp", HERE / "cuda_emulator.h", CSRC / "shuffle_mul_sum_cuda_device.cuh",
-           CSRC / "shuffle_mul_sum.h"]
+           CSRC / "scatter_mul_sum_cuda_device.cuh", CSRC / "shuffle_mul_sum.h"]
 # runner: the kernel fed cases by emulated.py; selftest: the emulator's own checks on small kernels.
 PROGRAMS = ("runner", "selftest")
 
@@ -38,7 +38,9 @@ VARIANTS = {
     "sanitized": ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
 }
 # -fno-strict-aliasing: the kernel's 16-byte reinterpret_cast loads. Never -ffast-math: it folds isfinite.
-COMMON_FLAGS = ["-std=c++17", "-g", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-Werror"]
+# -ffp-contract=off: a * b + c stays two roundings where the device code asks for two (__fmul_rn / __fadd_rn).
+COMMON_FLAGS = ["-std=c++17", "-g", "-fno-strict-aliasing", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
+                "-Werror"]
 
 # The sanitizer runtime's settings for the sanitized runner (the fiber stacks are switched by hand).
 SANITIZER_ENV = {

@@ -451,6 +451,9 @@ inline float __int_as_float(int i) {
   return f;
 }
 using std::fmaf;
+// Round-to-nearest multiply and add, never contracted into an FMA (build.py also passes -ffp-contract=off).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 using std::isfinite;
 
 // Device assert: CUDA's message and a failed launch (cassert is included first, so this one stays).

@@ -1,4 +1,4 @@
-"""The CUDA kernel's device code on CPU tensors, through the grid emulator (test-only, never shipped).
+"""The CUDA kernels' device code on CPU tensors, through the grid emulator (test-only, never shipped).
 
 ``fused(...)`` takes the arguments of ``moe::_shuffle_mul_sum_fused`` (the public op is its all-default
 case) and returns what the CUDA kernel computes. The host side is the CUDA library's: the argument
@@ -6,6 +6,11 @@ checks are ops.check_fused_args (the same rules as csrc/shuffle_mul_sum.h), the 
 combine_into's (a non-dense last dimension of input made dense, the addend as (M, K) rows), the Params
 are combine_cuda's, and the launch shape is the header's own choose_launch for ``Launch.sms`` SMs
 unless ``Launch.threads`` / ``Launch.slices`` force one.
+
+``scatter_fused(...)`` does the same for ``moe::_scatter_mul_sum_fused`` (and its public twin): its host
+side is combine_scatter_cuda's (checks: ops.check_scatter_fused_args), its three steps the CUDA
+library's, except the stable sort of step 2, which runs on the host (std::stable_sort in runner.cpp:
+CUB's radix sort does not run under the emulator; the GPU tests run it).
 
 Calls are batched: ``run([...])`` feeds every call to one runner process (runner.cpp). A failed launch
 (a device-side assert, a barrier or warp-vote error) raises EmulatedLaunchError for that call; a
@@ -25,7 +30,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from fused_moe_ops.ops import addend_as_rows, check_fused_args
+from fused_moe_ops.ops import addend_as_rows, check_fused_args, check_scatter_fused_args
 
 from . import build
 
@@ -80,6 +85,21 @@ class Call:
     out: Optional[torch.Tensor] = None       # the .out form: an (M, K) tensor with a dense last dimension
     launch: Launch = Launch()
     spread_rows: int = 0  # > 0: the runner places input's rows this many elements apart (offsets past 2^31)
+
+
+@dataclasses.dataclass
+class ScatterCall:
+    """One call of moe::_scatter_mul_sum_fused (the public op: the defaults)."""
+    input: torch.Tensor
+    index: torch.Tensor
+    factors: Optional[torch.Tensor]
+    num_tokens: int
+    out_dtype: Optional[torch.dtype] = None
+    negative_index: int = 0
+    factor_round: int = 0
+    scale: float = 1.0
+    addend: Optional[torch.Tensor] = None
+    launch: Launch = Launch()
 
 
 @dataclasses.dataclass
@@ -153,21 +173,54 @@ def _prepare(batch: _Batch, call: Call):
                       addend_row_stride=0 if a.shape[0] == 1 else a.stride(0))
     if call.row_mask is not None:
         fields.update(row_mask=batch.put(call.row_mask), row_mask_stride=call.row_mask.stride(0))
-    launch = call.launch
-    fields.update(sms=launch.sms, threads=launch.threads, slices=launch.slices,
-                  order=ORDERS[launch.order or default_order()],
-                  seed=launch.seed if launch.seed is not None else int(os.environ.get("FUSED_MOE_OPS_EMU_SEED", "1")))
+    fields.update(_launch_fields(call.launch))
     return out, " ".join(f"{key}={value}" for key, value in fields.items())
 
 
-def run(calls: Sequence[Call], *, variant: Optional[str] = None, plants: Sequence[str] = (),
+def _launch_fields(launch: Launch) -> dict:
+    return dict(sms=launch.sms, threads=launch.threads, slices=launch.slices,
+                order=ORDERS[launch.order or default_order()],
+                seed=launch.seed if launch.seed is not None else int(os.environ.get("FUSED_MOE_OPS_EMU_SEED", "1")))
+
+
+def _prepare_scatter(batch: _Batch, call: ScatterCall):
+    """The host side of the CUDA library's scatter form for one call (combine_scatter_cuda)."""
+    x, index, f, a = call.input, call.index, call.factors, call.addend
+    rows, m, k = check_scatter_fused_args(x, index, f, call.num_tokens, call.out_dtype, call.negative_index,
+                                          call.factor_round, a)
+    if k > 1 and x.stride(1) != 1:  # the last dimension must be dense
+        x = x.contiguous()
+    if a is not None:
+        a = addend_as_rows(a, m, k)
+        if k > 1 and a.stride(1) != 1:
+            a = a.contiguous()
+    out_dtype = call.out_dtype or x.dtype
+    out = torch.full((m, k), float("nan"), dtype=out_dtype)  # poisoned: an unwritten element shows
+    fields = {
+        "op": "scatter", "m": m, "k": k, "rows": rows, "in_kind": KIND[x.dtype], "out_kind": KIND[out_dtype],
+        "input": batch.put(x), "input_row_stride": x.stride(0),
+        "index": batch.put(index), "index_is_int32": int(index.dtype == torch.int32), "index_stride": index.stride(0),
+        "negative_index": call.negative_index, "factor_round": call.factor_round, "scale": float(call.scale).hex(),
+        "out": batch.put(out), "out_row_stride": out.stride(0), "out_result": batch.out_size,
+    }
+    batch.out_size += _extent(out) * out.element_size()
+    if f is not None:
+        fields.update(factors=batch.put(f), factor_kind=KIND[f.dtype], factor_stride0=f.stride(0))
+    if a is not None:
+        fields.update(addend=batch.put(a), addend_kind=KIND[a.dtype],
+                      addend_row_stride=0 if a.shape[0] == 1 else a.stride(0))
+    fields.update(_launch_fields(call.launch))
+    return out, " ".join(f"{key}={value}" for key, value in fields.items())
+
+
+def run(calls: Sequence, *, variant: Optional[str] = None, plants: Sequence[str] = (),
         timeout: float = 600) -> List[Result]:
     """Every call in one runner process; a Result per call."""
     exe = build.runner(variant or build.default_variant(), plants)
     batch = _Batch()
     outs = []
     for call in calls:
-        out, line = _prepare(batch, call)
+        out, line = (_prepare_scatter if isinstance(call, ScatterCall) else _prepare)(batch, call)
         outs.append(out)
         batch.lines.append(line)
     with tempfile.TemporaryDirectory(prefix="fmo-emu-") as tmp:
@@ -204,6 +257,18 @@ def fused(input, permutation, factors, out_dtype=None, negative_index=0, factor_
     kernel, one launch; raises EmulatedLaunchError where the launch fails."""
     call = Call(input, permutation, factors, out_dtype, negative_index, factor_round, scale, addend, row_mask, out,
                 launch)
+    result = run([call], variant=variant, plants=plants)[0]
+    if result.error is not None:
+        raise EmulatedLaunchError(f"CUDA error: {result.error}")
+    return result.out
+
+
+def scatter_fused(input, index, factors, num_tokens, out_dtype=None, negative_index=0, factor_round=0, scale=1.0,
+                  addend=None, launch: Launch = Launch(), *, variant=None, plants=()) -> torch.Tensor:
+    """moe::_scatter_mul_sum_fused (and, with the defaults, moe::scatter_mul_sum) on the emulated CUDA
+    kernels, one call; raises EmulatedLaunchError where a launch fails (an index entry out of range)."""
+    call = ScatterCall(input, index, factors, num_tokens, out_dtype, negative_index, factor_round, scale, addend,
+                       launch)
     result = run([call], variant=variant, plants=plants)[0]
     if result.error is not None:
         raise EmulatedLaunchError(f"CUDA error: {result.error}")

@@ -1,10 +1,12 @@
-// The CUDA kernel's device code (csrc/shuffle_mul_sum_cuda_device.cuh) run on the CPU grid emulator,
+// The CUDA kernels' device code (csrc/shuffle_mul_sum_cuda_device.cuh, csrc/scatter_mul_sum_cuda_device.cuh)
+// run on the CPU grid emulator,
 // as a standalone executable fed cases by tests/cuda_emulator/emulated.py. A process of its own, so
 // that the ASan + UBSan build never shares an address space with torch, and every tensor lives in an
 // allocation of exactly its extent (a read past a tensor's end is a heap overflow).
 //
 //   runner CASES BLOB RESULTS OUT_BLOB
-// CASES: one case per line, `key=value` tokens (emulated.py writes them; the Params field names).
+// CASES: one case per line, `key=value` tokens (emulated.py writes them; the Params field names);
+// `op=scatter` marks a case of the scatter form (run_scatter: its three steps, the sort on the host).
 // BLOB: the tensors' bytes. RESULTS: one line per case, "ok threads slices vec" or "error <message>".
 // OUT_BLOB: each ok case's `out` bytes at its out_result offset.
 // The standard headers first: cuda_emulator.h redefines assert, which a later <cassert> would undo.
@@ -18,7 +20,7 @@
 
 #include "cuda_emulator.h"
 
-#include "shuffle_mul_sum_cuda_device.cuh"
+#include "scatter_mul_sum_cuda_device.cuh"  // and shuffle_mul_sum_cuda_device.cuh
 
 namespace {
 
@@ -100,6 +102,57 @@ std::string run(const Case& c, Params P, int64_t m) {
   return "ok " + std::to_string(L.threads) + " " + std::to_string(L.slices) + " " + std::to_string(L.vec ? kVec : 1);
 }
 
+// The scatter form as combine_scatter_cuda runs it: the keys kernel, the stable sort of (key, row), the
+// segment-sum kernel. CUB's radix sort does not run here: std::stable_sort stands in for it (the same
+// contract, a stable sort by key; the GPU tests run CUB's). Every buffer is an exact allocation of its own.
+template <typename in_t, typename out_t>
+std::string run_scatter(const Case& c, SegmentSumParams S, const Buffer& index, int64_t m) {
+  constexpr int kVec = 16 / sizeof(in_t);
+  const int64_t rows = S.rows;
+  cuda_emu::Options opt;
+  opt.order = static_cast<cuda_emu::Order>(get(c, "order"));
+  opt.seed = static_cast<uint64_t>(get(c, "seed"));
+  std::unique_ptr<uint32_t[]> keys(new uint32_t[rows]), sorted_keys(new uint32_t[rows]);
+  std::unique_ptr<int32_t[]> row_ids(new int32_t[rows]), sorted_rows(new int32_t[rows]);
+  if (rows > 0) {  // the index is checked whenever it has entries, even when the result is empty
+    ScatterKeysParams K{};
+    K.index = index.data;
+    K.index_stride = get(c, "index_stride");
+    K.rows = rows;
+    K.tokens = m;
+    K.negative_index = static_cast<int>(get(c, "negative_index"));
+    K.keys = keys.get();
+    K.row_ids = row_ids.get();
+    const dim3 grid(static_cast<unsigned>(scatter_keys_blocks(rows, get(c, "sms", 132)))), block(kMaxThreads);
+    if (get(c, "index_is_int32")) {
+      cuda_emu::launch(grid, block, [&] { scatter_keys_kernel<int32_t>(K); }, opt);
+    } else {
+      cuda_emu::launch(grid, block, [&] { scatter_keys_kernel<int64_t>(K); }, opt);
+    }
+    std::vector<std::pair<uint32_t, int32_t>> pairs(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) pairs[r] = {keys[r], row_ids[r]};
+    std::stable_sort(pairs.begin(), pairs.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (int64_t r = 0; r < rows; ++r) {
+      sorted_keys[r] = pairs[r].first;
+      sorted_rows[r] = pairs[r].second;
+    }
+  }
+  if (m == 0 || S.combine.k == 0) return "ok 0 0 0";
+  S.sorted_keys = sorted_keys.get();
+  S.sorted_rows = sorted_rows.get();
+  LaunchShape L = choose_launch<in_t, out_t>(S.combine, m, get(c, "sms", 132));
+  if (get(c, "threads") > 0) L.threads = static_cast<int>(get(c, "threads"));
+  if (get(c, "slices") > 0) L.slices = get(c, "slices");
+  S.combine.addend_vec = L.addend_vec;
+  const dim3 grid(static_cast<unsigned>(m), static_cast<unsigned>(L.slices)), block(static_cast<unsigned>(L.threads));
+  if (L.vec) {
+    cuda_emu::launch(grid, block, [&] { scatter_segment_sum_kernel<in_t, out_t, kVec>(S); }, opt);
+  } else {
+    cuda_emu::launch(grid, block, [&] { scatter_segment_sum_kernel<in_t, out_t, 1>(S); }, opt);
+  }
+  return "ok " + std::to_string(L.threads) + " " + std::to_string(L.slices) + " " + std::to_string(L.vec ? kVec : 1);
+}
+
 template <typename F>
 void dispatch_kind(int kind, F&& f) {
   if (kind == kF32) return f(TypeTag<float>{});
@@ -151,9 +204,24 @@ int main(int argc, char** argv) {
     P.topk = get(c, "topk");
     P.k = get(c, "k");
     const int64_t m = get(c, "m");
+    const bool scatter = c.count("op") && c.at("op") == "scatter";
+    Buffer index = take(c, "index", blob);
+    SegmentSumParams S{};
+    S.combine = P;
+    S.rows = P.rows;
+    S.factors = factors.data;
+    S.factor_kind = P.factor_kind;
+    S.factor_stride = P.factor_stride0;
+    S.factor_round = P.factor_round;
     std::string verdict = "ok 0 0 0";  // as combine_cuda: no launch for M = 0 or K = 0
     try {
-      if (m > 0 && P.k > 0) {
+      if (scatter) {
+        dispatch_kind(static_cast<int>(get(c, "in_kind")), [&](auto in_tag) {
+          dispatch_kind(static_cast<int>(get(c, "out_kind")), [&](auto out_tag) {
+            verdict = run_scatter<typename decltype(in_tag)::type, typename decltype(out_tag)::type>(c, S, index, m);
+          });
+        });
+      } else if (m > 0 && P.k > 0) {
         dispatch_kind(static_cast<int>(get(c, "in_kind")), [&](auto in_tag) {
           dispatch_kind(static_cast<int>(get(c, "out_kind")), [&](auto out_tag) {
             verdict = run<typename decltype(in_tag)::type, typename decltype(out_tag)::type>(c, P, m);
