@@ -59,7 +59,8 @@ def _layer_check(model, x, dtype, dynamic, pattern, rewrites, tokens=None):
 # ---------------------------------------------------------------- torchao: the one-token combine
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=i, marks=() if d == torch.float32 else pytest.mark.slow)
+                                   for d, i in zip(DTYPES, DTYPE_IDS)])
 def test_torchao_single_token_rewritten(dtype):
     stats, launches = _layer_check(rm.TorchaoSingleTokenMoE(H, INTER, E, TOPK), torch.randn(1, 1, H), dtype,
                                    False, "one_token_sum", 1)
@@ -113,9 +114,18 @@ ONE_TOKEN_SPELLINGS = {
 }
 
 
-@pytest.mark.parametrize("lowering", ["op", "unrolled", "reduction"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("name", list(ONE_TOKEN_SPELLINGS))
+def _spelling_params():
+    """Every spelling, dtype and lowering; fast: the torchao spelling in every dtype and the others in
+    bfloat16 (the rest repeat those paths, marked slow)."""
+    for name in ONE_TOKEN_SPELLINGS:
+        for dtype, dtype_id in zip(DTYPES, DTYPE_IDS):
+            for lowering in ("op", "unrolled", "reduction"):
+                fast = name == "gathered" or (dtype == torch.bfloat16 and lowering != "reduction")
+                yield pytest.param(name, dtype, lowering, id=f"{name}-{dtype_id}-{lowering}",
+                                   marks=() if fast else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("name,dtype,lowering", list(_spelling_params()))
 def test_one_token_spellings_under_every_lowering(name, dtype, lowering):
     """Duplicated rows, a wrapped -1, NaN and inf in rows and weights: eager's dtype, shape, NaN/inf
     positions and values (to the dtype's rounding), and at least as close to the float64 reference."""
@@ -201,7 +211,9 @@ def test_one_token_near_misses_left_alone(name):
 # ---------------------------------------------------------------- vLLM: the loop over experts
 
 
-@pytest.mark.parametrize("dtype,dynamic", [(torch.float32, False), (torch.bfloat16, False), (torch.float16, True)],
+@pytest.mark.parametrize("dtype,dynamic", [(torch.float32, False),
+                                           pytest.param(torch.bfloat16, False, marks=pytest.mark.slow),
+                                           (torch.float16, True)],
                          ids=["float32-static", "bfloat16-static", "float16-dynamic"])
 def test_vllm_iterative_loop_left_to_inductor(dtype, dynamic):
     """Each expert's output is a tensor of its own: the op would need them copied into one first,
@@ -212,10 +224,8 @@ def test_vllm_iterative_loop_left_to_inductor(dtype, dynamic):
 
 # ---------------------------------------------------------------- gpt-oss: einsum("bec,be->bc") of biased rows
 
-GPT_OSS_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.mark.parametrize("dtype", GPT_OSS_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=i, marks=() if d == torch.bfloat16 else pytest.mark.slow)
+                                   for d, i in zip(DTYPES, DTYPE_IDS)])
 def test_gpt_oss_biased_rows_rewritten_where_inductor_chooses(dtype, inductor_chooses):
     """The expert outputs plus their bias: rewritten, and at decode Inductor's code is inlined, so the
     bias add fuses into the combine again and the graph launches no more kernels than without the pass."""
