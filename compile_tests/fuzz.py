@@ -61,8 +61,12 @@ class Program:
 
 
 CLAIMED = ("seed", "reshape", "unsqueeze", "ellipsis", "commuted", "index_select", "einsum", "bmm",
-           "weights_before_gather", "identity")
-NEAR_MISSES = ("sum_over_k", "weight_per_token", "amax", "mean", "index_2d", "rows_pointwise", "unrolled")
+           "weights_before_gather", "identity", "one_token", "one_token_keepdim", "einsum_bce", "einsum_ebc",
+           "einsum_biased")
+NEAR_MISSES = ("sum_over_k", "weight_per_token", "amax", "mean", "index_2d", "rows_pointwise", "unrolled",
+               "sum_dim0_3d", "one_token_sum_dim1", "expert_loop")
+# The one-token combine sums the topk rows of a single token over dim 0: its programs have one token.
+ONE_TOKEN = ("one_token", "one_token_keepdim", "one_token_sum_dim1")
 
 
 def generate(rng: random.Random) -> Program:
@@ -77,6 +81,8 @@ def generate(rng: random.Random) -> Program:
     m = rng.choice((3, 6) if dynamic else (0, 1, 1, 3, 6))
     spelling = rng.choice(CLAIMED * 3 + NEAR_MISSES)
     claimed = spelling in CLAIMED
+    if spelling in ONE_TOKEN:
+        m, dynamic = 1, False
     extra_rows = 0 if spelling == "identity" else rng.choice((0, 3))
     w_dtype = rng.choice((dtype, torch.float32))
     index_source = "none" if spelling == "identity" else rng.choice(
@@ -152,9 +158,22 @@ def generate(rng: random.Random) -> Program:
         "index_2d": f"(rows[idx.view(m, {topk})] * {wexpr}.unsqueeze(-1)).sum(dim=1)",
         "rows_pointwise": f"({g}.view(m, {topk}, k) * {wexpr}.view(m, {topk}, 1)).sum(dim=1)",
         "unrolled": " + ".join(f"rows[idx.view(m, {topk})[:, {j}]] * {wexpr}[:, {j}:{j + 1}]" for j in range(topk)),
+        # torchao's single-token path; the same summed over the other dim; a 3-D sum over the tokens
+        "one_token": f"({g} * {wexpr}.view(-1, 1)).sum(dim=0)",
+        "one_token_keepdim": f"({wexpr}.view(-1, 1) * {g}).sum(0, keepdim=True)",
+        "one_token_sum_dim1": f"({g} * {wexpr}.view(-1, 1)).sum(dim=1)",
+        "sum_dim0_3d": f"({g}.view(m, {topk}, k) * {wexpr}.view(m, {topk}, 1)).sum(dim=0)",
+        # gpt-oss's rank-3 einsum, over transposed views of the same rows, and over biased rows
+        "einsum_bce": f"torch.einsum('bce,be->bc', {g}.view(m, {topk}, k).transpose(1, 2), w.to(rows.dtype))",
+        "einsum_ebc": f"torch.einsum('ebc,be->bc', {g}.view(m, {topk}, k).transpose(0, 1), w.to(rows.dtype))",
+        "einsum_biased": f"torch.einsum('bec,be->bc', {g}.view(m, {topk}, k) + rows[:1], w.to(rows.dtype))",
+        # vLLM's loop over experts: every slot's output weighted by where(its expert, w, 0), accumulated
+        "expert_loop": " + ".join(
+            f"rows[idx.view(m, {topk})[:, {j}]] * torch.where(idx.view(m, {topk}) == idx.view(m, {topk})[:, {j}:{j + 1}], "
+            f"{wexpr}, 0).sum(-1, keepdim=True)" for j in range(topk)),
     }[spelling]
     lines.append(f"    out = {combine}")
-    per_row_out = spelling not in ("sum_over_k",)
+    per_row_out = spelling not in ("sum_over_k", "one_token", "one_token_sum_dim1", "sum_dim0_3d")
     if per_row_out:
         lines.append({
             "none": "", "scale": "    out = out * 0.5", "rscale": "    out = 2.0 * out",
@@ -177,6 +196,8 @@ def generate(rng: random.Random) -> Program:
 
     def make_args(mm: int, data_seed: int) -> List[Any]:
         gen = torch.Generator().manual_seed(data_seed)
+        if spelling in ONE_TOKEN:
+            mm = 1
         rows = mm * topk + extra_rows
         x = torch.randn(rows, k, generator=gen).to(dtype)
         w = (torch.rand(mm, topk, generator=gen) + 0.1).to(w_dtype)

@@ -10,6 +10,7 @@ from torch._inductor.pattern_matcher import CallFunction, Ignored, Match, Patter
 from torch.fx import Node
 
 from . import _state
+from .autotune import inlines_its_own_code
 from ..ops import FACTOR_ROUND, NEGATIVE_IS_ERROR, WRAP_NEGATIVE
 from ._match import (CONVERT, NoMatch, aten, erase_dead, fused_into_consumer_by_inductor, log, peel_factors,
                      peel_row_mask, reshape_like, shape_str, static_int, tensor_val)
@@ -105,11 +106,13 @@ def register(patterns: Sequence[Any], analyze: Callable[[Match], Any], rewrite: 
             log.debug("fused_moe_ops: %s left alone: %s", match.output_node(), e)
             return False
         rows, _, _ = peel_row_mask(plan.rows)
-        if fused_into_consumer_by_inductor(rows):
-            # Structural, so it holds for every token count: Inductor's own kernel reads the pointwise
-            # inputs directly; the op would add a write and a read of the whole (R, k) rows.
+        if fused_into_consumer_by_inductor(rows) and not inlines_its_own_code(
+                plan.device_type, static_int(plan.m), static_int(plan.topk), static_int(plan.k), plan.rows_dtype):
+            # Inductor's own kernel reads the pointwise inputs directly; the op would add a write and a
+            # read of the whole (R, k) rows. Where the lowering is certain to be Inductor's own code
+            # (fusion/autotune.py) the rewrite stands: the inlined code fuses the rows again.
             log.debug("fused_moe_ops: %s left alone: its rows are a pointwise result Inductor fuses into "
-                      "its own combine", match.output_node())
+                      "its own combine, and the op would stay", match.output_node())
             return False
         if AOTI_MISREADS_DTYPE_ARGS and plan.out_dtype != plan.rows_dtype and _aot_compiling():
             log.debug("fused_moe_ops: %s left alone: AOTInductor on torch %s cannot pass out_dtype=%s "

@@ -114,6 +114,30 @@ def moves_only_unit_dims(node: Node) -> bool:
     return kept == sorted(kept)
 
 
+def permute_chain_keeps_order(node: Node) -> int:
+    """How many consecutive permutes, from ``node`` up, together keep the row-major order of the
+    elements (each alone may not: einsum's lowering at one token transposes (1, 16, 3) to (3, 16, 1)
+    after a (1, 3, 16) -> (1, 16, 3) permute); 0 if none does. Every permute but the last walked must
+    have a single user."""
+    perm = None
+    chain = 0
+    best = 0
+    while isinstance(node, Node) and node.op == "call_function" and node.target is aten.permute.default:
+        src = val(node.args[0])
+        if not isinstance(src, torch.Tensor):
+            break
+        inner = [p % src.dim() for p in node.args[1]] if src.dim() else []
+        perm = inner if perm is None else [inner[p] for p in perm]
+        chain += 1
+        kept = [p for p in perm if not same(src.shape[p], 1)]
+        if kept == sorted(kept):
+            best = chain
+        node = node.args[0]
+        if not single_user(node):
+            break
+    return best
+
+
 def lossless_to_fp32(src: torch.dtype, dst: torch.dtype) -> bool:
     """Converting src -> dst is exact and the op's float32 accumulation makes it redundant."""
     return src in FLOAT_DTYPES and (dst == src or dst == torch.float32)
@@ -127,6 +151,10 @@ def peel_rows(node: Node) -> Tuple[Node, List[Node]]:
     while isinstance(node, Node) and node.op == "call_function":
         if node.target in ORDER_PRESERVING or moves_only_unit_dims(node):
             pass
+        elif node.target is aten.permute.default and permute_chain_keeps_order(node):
+            for _ in range(permute_chain_keeps_order(node) - 1):
+                chain.append(node)
+                node = node.args[0]
         elif node.target is CONVERT:
             src = val(node.args[0])
             if not isinstance(src, torch.Tensor) or not lossless_to_fp32(src.dtype, node.args[1]):

@@ -62,7 +62,7 @@ class ShuffleMulSumFusionPass(CustomGraphPass):
         if self._patterns is None:
             # Importing the fusion modules registers their patterns (deferred so that
             # `import fused_moe_ops` stays cheap).
-            from . import bmm_combine, gather_mul_sum, scatter_add_combine, weighted_rows_sum  # noqa: F401
+            from . import bmm_combine, gather_mul_sum, one_token_sum, scatter_add_combine, weighted_rows_sum  # noqa: F401
             from ._common import PATTERNS
 
             self._patterns = PATTERNS

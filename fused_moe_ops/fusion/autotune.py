@@ -177,11 +177,27 @@ BENCH_SCHEMA = (
     "Tensor? row_mask=None, ScalarType? out_dtype=None, int negative_index=0, int factor_round=0, "
     "float scale=1.0) -> Tensor"
 )
+# A combine without a permutation (rows already in slot order: the one-token combine, a per-token
+# einsum) would put an absent tensor ahead of the factors in that positional call; its twin takes the
+# permutation last, by name (always None).
+BENCH_IDENTITY_OP_NAME = "_shuffle_mul_sum_fused_identity_tensors_first"
+BENCH_IDENTITY_SCHEMA = (
+    f"{BENCH_IDENTITY_OP_NAME}(Tensor input, Tensor factors, Tensor? addend=None, Tensor? row_mask=None, "
+    "Tensor? permutation=None, ScalarType? out_dtype=None, int negative_index=0, int factor_round=0, "
+    "float scale=1.0) -> Tensor"
+)
 _bench_lib = None
 
 
-def _bench_op():
-    return getattr(torch.ops.moe, BENCH_OP_NAME).default
+def _bench_op(identity: bool = False):
+    return getattr(torch.ops.moe, BENCH_IDENTITY_OP_NAME if identity else BENCH_OP_NAME).default
+
+
+def _bench_tensor_names(named: dict) -> tuple:
+    """The tensor arguments of the twin that benchmarks this call, in its positional order."""
+    if named.get("permutation") is None:
+        return tuple(n for n in TENSOR_ARGS if n != "permutation")
+    return TENSOR_ARGS
 
 
 def ensure_registered() -> bool:
@@ -207,6 +223,15 @@ def ensure_registered() -> bool:
 
         lib.impl(BENCH_OP_NAME, twin, "CompositeExplicitAutograd")
         torch.library.register_fake(f"moe::{BENCH_OP_NAME}", twin, lib=lib)
+        lib.define(BENCH_IDENTITY_SCHEMA)
+
+        def identity_twin(input, factors, addend=None, row_mask=None, permutation=None, out_dtype=None,
+                          negative_index=0, factor_round=0, scale=1.0):
+            return _op()(input, permutation, factors, out_dtype, negative_index, factor_round, scale, addend,
+                         row_mask)
+
+        lib.impl(BENCH_IDENTITY_OP_NAME, identity_twin, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"moe::{BENCH_IDENTITY_OP_NAME}", identity_twin, lib=lib)
         _bench_lib = lib
         previous = user_lowerings.get(_op())
         user_lowerings[_op()] = _lowering if previous is None else _chained(previous)
@@ -272,11 +297,11 @@ def why_not_autotuned(named: dict) -> Optional[str]:
     sizes = _sizes(named)
     if sizes is None:
         return SYMBOLIC
-    present = [named.get(n) is not None for n in TENSOR_ARGS]
+    present = [named.get(n) is not None for n in _bench_tensor_names(named)]
     if present != sorted(present, reverse=True):
         # The benchmark calls the twin with the given tensors positional: an absent one ahead of a
-        # given one (the identity permutation; a row mask without an addend) cannot be expressed.
-        return "an absent tensor argument ahead of a given one"
+        # given one (a row mask without an addend) cannot be expressed.
+        return UNEXPRESSED
     if 0 in sizes:
         return "an empty operand"
     return None
@@ -285,6 +310,37 @@ def why_not_autotuned(named: dict) -> Optional[str]:
 # A benchmark would time one size (the hint) for every token count the graph serves: there the static
 # rule policy.symbolic_size_choice decides instead.
 SYMBOLIC = "a symbolic size (a benchmark would choose once, at the size hint)"
+# Only the benchmark is ruled out: a choice made without one (policy.choice_without_benchmark) stands.
+UNEXPRESSED = "an absent tensor argument ahead of a given one"
+
+
+def inlines_its_own_code(device_type: str, m: Any, topk: Any, k: Any, dtype: torch.dtype) -> bool:
+    """Whether a combine of these sizes (Python ints, None where symbolic) is certain to be lowered
+    as a decomposition (Inductor's own code) without a benchmark: a forced decomposition, a
+    decode-sized combine (``policy.choice_without_benchmark``) or a symbolic token count whose rule
+    names a decomposition (``policy.symbolic_size_choice``), with Inductor able to choose at all.
+
+    fusion/_common.py reads it for rows that are a pointwise result Inductor computes inside its own
+    combine (``t + bias`` before gpt-oss's einsum): rewritten only here, where the inlined code reads
+    the pointwise inputs directly again. A benchmark cannot decide for them: it times the op on rows
+    already written out, so it does not see the extra write and read the op costs (gpt-oss at 512
+    tokens: the op won the benchmark and the layer was slower, docs/FUSION.md)."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.virtualized import V
+
+    if available() is not None or not _enabled or _forced == "op":
+        return False
+    if V.aot_compilation or inductor_config.deterministic:
+        return False
+    if _forced is not None:
+        choice = _forced
+    elif m is None or topk is None or k is None:
+        choice = policy.symbolic_size_choice(device_type, topk, k, dtype)
+    elif not policy.should_autotune(device_type, m, topk, k, dtype):
+        return False
+    else:
+        choice = policy.choice_without_benchmark(device_type, m, topk, k, dtype)
+    return choice == "reduction" or (choice == "unrolled" and topk is not None and topk <= MAX_UNROLLED_TOPK)
 
 
 _SCALARS = ("out_dtype", "negative_index", "factor_round", "scale")
@@ -318,7 +374,7 @@ def _choose(named: dict):
     why = why_not_autotuned(named)
     if why is SYMBOLIC:
         return _lower_symbolic(named)
-    if why is not None:
+    if why is not None and why is not UNEXPRESSED:
         log.debug("fused_moe_ops: the op stays (not benchmarked): %s", why)
         return None, "op"
     rows, m, topk, k = _sizes(named)
@@ -330,8 +386,14 @@ def _choose(named: dict):
     # Inductor's test switch that forces the benchmark's outcome needs the benchmark.
     if settled is not None and getattr(inductor_config.test_configs, "force_custom_op_decomposition", None) is None:
         return _inline(named, settled, "policy.choice_without_benchmark")
-    tensors = [named[n] for n in TENSOR_ARGS if named.get(n) is not None]
+    if why is UNEXPRESSED:
+        log.debug("fused_moe_ops: the op stays (not benchmarked): %s", why)
+        return None, "op"
+    identity = named.get("permutation") is None
+    tensors = [named[n] for n in _bench_tensor_names(named) if named.get(n) is not None]
     scalars = {n: named.get(n, DEFAULTS[n]) for n in _SCALARS}
+    if identity:  # by name, for the identity twin and the decompositions' bind()
+        scalars["permutation"] = None
     # One decomposition against the op: the unrolled one where topk allows it, else the reduction.
     # Timed alone, the reduction was never measurably faster than the unrolled one (equal at topk 2,
     # 10 to 200x slower at topk 8 on CPU: docs/BENCHMARKS.md, the cold-compile run); benchmarking both
@@ -350,7 +412,7 @@ def _choose(named: dict):
     with _steady_pick(_preference, order, tolerance), _benchmark_code_unsaved(), inductor_config.patch(quiet):
         result, choice = autotune_custom_op(
             name="moe_shuffle_mul_sum_fused", decompositions=decomps, inputs=tensors,
-            non_tensor_args=[dict(scalars) for _ in decomps], op_overload=_bench_op(),
+            non_tensor_args=[dict(scalars) for _ in decomps], op_overload=_bench_op(identity),
             user_input_gen_fns={"permutation": _valid_permutation, "row_mask": _sparse_row_mask}, **options)
     if getattr(choice, "gm", None) is None:
         log.debug("fused_moe_ops: the op won the benchmark (m=%s topk=%s k=%s)", m, topk, k)

@@ -37,6 +37,7 @@ from ._match import (
     absorbable_downcast,
     aten,
     is_identity_permute,
+    moves_only_unit_dims,
     out_dtype_of,
     require,
     same_shape,
@@ -90,7 +91,8 @@ def analyze(match: Match) -> Plan:
         require(absorbable_downcast(inner), "convert of the bmm result is not a float32 -> float downcast")
         out_dtype, inner = inner.args[1], inner.args[0]
     if inner.target is aten.permute.default:
-        require(is_identity_permute(inner), "non-identity permute of the bmm result")
+        # identity, or moving only unit dimensions (one token: (1, 1, k) -> (1, k, 1))
+        require(is_identity_permute(inner) or moves_only_unit_dims(inner), "non-identity permute of the bmm result")
         inner = inner.args[0]
     require(inner.target is aten.bmm.default, "no bmm")
     if out_dtype is None:
