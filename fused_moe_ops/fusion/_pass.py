@@ -82,6 +82,9 @@ class ShuffleMulSumFusionPass(CustomGraphPass):
 
             fold_epilogues(graph)
             ensure_registered()  # Inductor chooses between the op and its own code (torch >= 2.12)
+            from .scatter_autotune import ensure_registered as ensure_scatter_registered
+
+            ensure_scatter_registered()
 
     def uuid(self) -> Optional[Any]:
         from .autotune import cache_key
