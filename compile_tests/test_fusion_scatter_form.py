@@ -17,6 +17,7 @@ import torch
 
 import fused_moe_ops
 from fused_moe_ops.fusion import autotune
+from fusion_cases import DTYPES, TOPK, route
 
 M, K = 6, 16
 ROWS_PER_TOKEN = 10
@@ -219,3 +220,83 @@ def test_scatter_add_out_of_range_raises_at_a_parallel_size():
         with pytest.raises((IndexError, RuntimeError)):
             torch.compile(fn)(y, tok, w, dest)
     assert fused_moe_ops.fusion_stats()["lowered"] == {"scatter_decomposition": 1}
+
+
+# ---- look-alikes of the proven form (an index not ``perm // topk``, a destination not zeros, alpha, no
+# weights): the proven form leaves them, the scatter form takes them. Inputs: rows in expert order
+# (m * topk, k) and router scores (m, 4).
+
+
+def _sorted(logits):
+    w, ids = route(logits)
+    perm = ids.view(-1).argsort(stable=True)
+    return w, ids, perm
+
+
+def index_add_index_not_from_a_sort(y, logits):  # the expert ids themselves as token numbers
+    w, ids = route(logits)
+    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return zeros.index_add(0, ids.view(-1), y * w.view(-1, 1))
+
+
+def index_add_into_ones(y, logits):  # the destination is not zeros
+    w, ids, perm = _sorted(logits)
+    ones = torch.ones(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return ones.index_add(0, perm // TOPK, y * w.view(-1)[perm, None])
+
+
+def index_add_alpha(y, logits):
+    w, ids, perm = _sorted(logits)
+    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return zeros.index_add(0, perm // TOPK, y * w.view(-1)[perm, None], alpha=2)
+
+
+def scatter_add_other_divisor(y, logits):  # perm // 3 with topk 2: not one token per topk rows
+    w, ids, perm = _sorted(logits)
+    tok = perm // (TOPK + 1)
+    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return zeros.scatter_add(0, tok[:, None].expand(-1, y.shape[1]), y * w.view(-1)[perm, None])
+
+
+def scatter_add_per_token_sort(y, logits):  # each token's slots sorted: values in [0, topk), not a permutation
+    w, ids = route(logits)
+    perm = ids.sort(dim=1).indices.reshape(-1)
+    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return zeros.index_add(0, perm // TOPK, y * w.view(-1, 1))
+
+
+def index_put_unweighted(y, logits):  # no weighting multiply
+    w, ids, perm = _sorted(logits)
+    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return zeros.index_put((perm // TOPK,), y, accumulate=True)
+
+
+NOT_PROVEN = [index_add_index_not_from_a_sort, index_add_into_ones, index_add_alpha, scatter_add_other_divisor,
+              scatter_add_per_token_sort, index_put_unweighted]
+
+
+def _not_proven_cases():
+    params = []
+    for i, fn in enumerate(NOT_PROVEN):
+        for j, dtype in enumerate(DTYPES):
+            for dynamic in (False, True):
+                fast = j == i % 3 and dynamic == bool(i % 2)
+                params.append(pytest.param(fn, dtype, dynamic, marks=() if fast else (pytest.mark.slow,),
+                                           id=f"{fn.__name__}-{str(dtype)[6:]}-{'dynamic' if dynamic else 'static'}"))
+    return params
+
+
+@pytest.mark.parametrize("fn, dtype, dynamic", _not_proven_cases())
+def test_not_proven_index_takes_the_scatter_form(fn, dtype, dynamic):
+    gen = torch.Generator().manual_seed(0)
+    m = 5
+    y, logits = torch.randn(m * TOPK, K, generator=gen).to(dtype), torch.randn(m, 4, generator=gen).to(dtype)
+    out = torch.compile(fn, dynamic=dynamic)(y, logits)
+    eager = fn(y, logits)
+    assert out.dtype == eager.dtype and out.shape == eager.shape
+    scale = max(1.0, float(eager.abs().max()))
+    torch.testing.assert_close(out, eager, atol=_EAGER_TOL[dtype] * scale, rtol=0)
+    # Unweighted rows under dynamic shapes: nothing in the graph ties the rows' count to the index's
+    # (index_put would broadcast a single row), so the combine stays Inductor's.
+    expected = {} if fn is index_put_unweighted and dynamic else {"scatter_mul_sum": 1}
+    assert fused_moe_ops.fusion_stats()["by_pattern"] == expected, fused_moe_ops.fusion_stats()

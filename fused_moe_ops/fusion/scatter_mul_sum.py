@@ -165,7 +165,7 @@ def analyze(match: Match) -> ScatterPlan:
         dim, index, src = anchor.args[1], anchor.args[2], anchor.args[3]
         require(dim in (0, -2), f"index_add over dim {dim}")
         alpha = anchor.args[4] if len(anchor.args) > 4 else anchor.kwargs.get("alpha", 1)
-        require(_is_number(alpha) and alpha == 1, f"alpha {alpha!r} of an index_add left undecomposed")
+        require(_is_number(alpha), f"alpha {alpha!r}")
         negative_index = NEGATIVE_IS_ERROR
     else:
         indices, src = anchor.args[1], anchor.args[2]
@@ -180,6 +180,9 @@ def analyze(match: Match) -> ScatterPlan:
     require(sv.dtype == out.dtype, f"rows {sv.dtype} into a {out.dtype} destination")
     require(same_shape(sv.shape, (n, k)), "the rows are not one (k,) row per index entry")
     rows, weights, scale = _split_src(src, n, k, walked)
+    if anchor.target is aten.index_add.default:  # (left undecomposed, e.g. in bfloat16)
+        scale *= float(alpha)
+        require(math.isfinite(scale) and scale != 0.0, f"alpha {alpha}")
     if _is_zeros(dest):
         sizes = dest.args[0]
         num_tokens, addend = sizes[0], None
