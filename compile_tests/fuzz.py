@@ -2,7 +2,8 @@
 pass and without it; every result must be eager's.
 
 A program is Python source (printed when it fails, so a finding is a test case as it stands): one of
-the spellings the pass claims or a near miss, with a random row source (plain, masked_fill, where,
+the spellings the pass claims or a near miss (a quarter of them the scatter family, ``generate_scatter``:
+scatter_add / index_add / index_put(accumulate) of rows into a destination by an arbitrary index), with a random row source (plain, masked_fill, where,
 upcast, pointwise), input layout (dense, row-strided, transposed weights), index source (an input with negatives and duplicates, argsort, sort, topk,
 arange, a shifted copy that wraps, entries across [-2R, 2R) and the index dtype's extremes), weight source and cast, epilogue (scale, residual, broadcasting
 or promoting addend, 3-D view, subtraction), second consumer and input mutation before or after,
@@ -240,6 +241,106 @@ def generate(rng: random.Random) -> Program:
     return Program(source, tuple(args), make_args, m, dynamic, claimed, notes)
 
 
+SCATTER_CLAIMED = ("scatter_add", "scatter_add_inplace", "index_add", "index_add_alpha", "index_put",
+                   "index_put_inplace")
+SCATTER_NEAR_MISSES = ("scatter_add_narrow", "index_put_broadcast_row", "scatter_add_dim1")
+
+
+def generate_scatter(rng: random.Random) -> Program:
+    """One random scatter-family program: rows ``y`` (n, k) scattered into an (m, k) destination by a
+    token index ``tok`` (n,) that is a graph input (duplicates, tokens without rows, -1, entries on
+    both sides of [-m, m) and the index dtype's extremes), weighted per row or not, into zeros, ones or
+    a tensor (mutated in place or not)."""
+    dtype = rng.choice(DTYPES)
+    k = rng.choice((1, 5, 16, 33))
+    dynamic = rng.random() < 0.35
+    m = rng.choice((3, 6) if dynamic else (0, 1, 1, 3, 6))
+    spelling = rng.choice(SCATTER_CLAIMED * 2 + SCATTER_NEAR_MISSES)
+    claimed = spelling in SCATTER_CLAIMED
+    weights = rng.choice(("none", "w", "w-cast", "w-float32"))
+    dest = rng.choice(("zeros", "zeros", "ones", "tensor"))
+    if spelling.endswith("_inplace"):
+        dest = "tensor"
+    index_source = rng.choice(("nonneg", "nonneg", "negative", "wide", "out-of-range"))
+    index_dtype = torch.int64 if spelling.startswith("scatter_add") else rng.choice((torch.int64, torch.int32))
+    nonfinite = rng.choice(("none", "none", "rows", "weights", "both"))
+    epilogue = rng.choice(("none", "none", "scale", "add"))
+    rows_per_token = rng.choice((1, 2, 3))
+
+    args = ["y", "w", "tok", "r"] + (["a"] if epilogue == "add" else [])
+    lines = [f"def program({', '.join(args)}):", "    k = y.shape[1]"]
+    lines.append({
+        "none": "    src = y",
+        "w": "    src = y * w[:, None]",
+        "w-cast": "    src = y * w.to(y.dtype)[:, None]",
+        "w-float32": "    src = y * w.float().unsqueeze(-1)",
+    }[weights])
+    if spelling == "scatter_add_dim1":
+        lines.append("    src = src.t()")
+    lines.append({
+        "zeros": "    dest = torch.zeros(r.shape, dtype=src.dtype)",
+        "ones": "    dest = torch.ones(r.shape, dtype=src.dtype)",
+        "tensor": "    dest = r",
+    }[dest])
+    lines.append("    out = " + {
+        "scatter_add": "dest.scatter_add(0, tok.unsqueeze(1).expand(-1, k), src)",
+        "scatter_add_inplace": "dest.scatter_add_(0, tok.view(-1, 1).expand(-1, k), src)",
+        "index_add": "dest.index_add(0, tok, src)",
+        "index_add_alpha": "dest.index_add(0, tok, src, alpha=0.5)",
+        "index_put": "dest.index_put((tok,), src, accumulate=True)",
+        "index_put_inplace": "dest.index_put_((tok,), src, accumulate=True)",
+        "scatter_add_narrow": "dest.scatter_add(0, tok.unsqueeze(1).expand(-1, max(k // 2, 1)), src)",
+        "index_put_broadcast_row": "dest.index_put((tok,), src[:, :1], accumulate=True)",
+        "scatter_add_dim1": "dest.t().scatter_add(1, tok.unsqueeze(0).expand(k, -1), src).t()",
+    }[spelling])
+    lines.append({"none": "", "scale": "    out = out * 0.5", "add": "    out = out + a"}[epilogue])
+    lines.append("    return out")
+    source = "\n".join(ln for ln in lines if ln) + "\n"
+    w_dtype = torch.float32 if weights == "w-float32" else rng.choice((dtype, torch.float32))
+
+    def make_args(mm: int, data_seed: int) -> List[Any]:
+        gen = torch.Generator().manual_seed(data_seed)
+        n = rows_per_token * mm + (1 if dynamic else 0)  # dynamic: no size of the program equals another
+        y = torch.randn(n, k, generator=gen).to(dtype)
+        w = (torch.rand(n, generator=gen) + 0.1).to(w_dtype)
+        if nonfinite in ("rows", "both") and n:
+            y[int(torch.randint(0, n, (), generator=gen))] = float("nan")
+            y.view(-1)[int(torch.randint(0, y.numel(), (), generator=gen))] = float("inf")
+        if nonfinite in ("weights", "both") and n:
+            w[int(torch.randint(0, n, (), generator=gen))] = float("nan")
+            w[int(torch.randint(0, n, (), generator=gen))] = float("-inf")
+        top = max(mm, 1)
+        if index_source == "nonneg" or mm == 0:
+            tok = torch.randint(0, top, (n,), generator=gen)
+        elif index_source == "negative":
+            tok = torch.randint(-top, top, (n,), generator=gen)
+        else:
+            tok = torch.randint(-2 * top, 2 * top, (n,), generator=gen)
+            tok = torch.where(torch.rand(n, generator=gen) < 0.8, tok.remainder(top), tok)
+            if n and index_source == "out-of-range":
+                tok[n - 1] = mm
+            if n and index_source == "wide" and float(torch.rand((), generator=gen)) < 0.3:
+                info = torch.iinfo(index_dtype)
+                extreme = (info.min, info.max, -mm - 1, mm)
+                tok[int(torch.randint(0, n, (), generator=gen))] = extreme[int(torch.randint(0, 4, (), generator=gen))]
+        src_dtype = dtype if weights in ("none", "w-cast") else torch.promote_types(dtype, w_dtype)
+        r = torch.randn(mm, k, generator=gen).to(src_dtype)
+        out = {"y": y, "w": w, "tok": tok.to(index_dtype), "r": r, "a": torch.randn(mm, k, generator=gen).to(src_dtype)}
+        return [out[a] for a in args]
+
+    notes = dict(family="scatter", spelling=spelling, dtype=str(dtype), topk=3, k=k, index=index_source,
+                 weights=weights, dest=dest, epilogue=epilogue, nonfinite=nonfinite)
+    return Program(source, tuple(args), make_args, m, dynamic, claimed, notes)
+
+
+def generate_any(seed: int, i: int) -> Program:
+    """Program ``i`` of ``seed``: a scatter-family program one time in four (decided by a stream of its
+    own, so the gather-family programs of a seed are the ones it always generated)."""
+    if random.Random(f"{seed}/{i}/family").random() < 0.25:
+        return generate_scatter(random.Random(f"{seed}/{i}"))
+    return generate(random.Random(f"{seed}/{i}"))
+
+
 # ------------------------------------------------------------------------------------------ running
 @dataclass
 class Outcome:
@@ -475,7 +576,7 @@ def fuzz(seed: int, n_graph: int, n_e2e: int, log: Callable[[str], None] = lambd
     fresh = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
     with fresh(), torch._dynamo.config.patch(cache_size_limit=10**6):
         for i in range(n_graph):
-            p = generate(random.Random(f"{seed}/{i}"))
+            p = generate_any(seed, i)
             found, fired = check_graph_level(p, seed * 100003 + i)
             s.graph += 1
             s.claimed += p.claimed
