@@ -8,9 +8,9 @@ divided by topk, an index from a routing map, with duplicates, uneven counts, to
     dest.index_put_((tok,), y * w[:, None], accumulate=True)
     (dest zeros or any (m, k) tensor of the result's dtype; rows weighted per row or not at all)
 
-Post-grad ATen (Inductor decomposes ``index_add`` into ``index_put(..., accumulate=True)`` of
-``src * alpha``; so compiled ``index_add`` wraps negative entries as ``index_put`` does, with or
-without this pass, where eager refuses them)::
+Post-grad ATen (Inductor usually decomposes ``index_add`` into ``index_put(..., accumulate=True)`` of
+``src * alpha``; then compiled ``index_add`` wraps negative entries as ``index_put`` does, with or
+without this pass, where eager refuses them; an ``index_add`` left as it is keeps refusing them)::
 
     scatter_add.default(DEST, 0, [convert to int64](expand(unsqueeze|view|reshape(TOK), [n, k])), SRC)
     index_put.default(DEST, [TOK], SRC, True)
@@ -30,8 +30,8 @@ Why this is eager's result for every input eager accepts: token t of eager's res
 float32 sum where eager scales each row (they differ only where a float32 sum overflows, so a
 non-finite or zero alpha is left alone). Negative entries: ``scatter_add`` refuses them
 (``negative_index=2``), ``index_put`` wraps them (``1``: -m <= t < 0 is token t + m); an entry the
-spelling refuses raises in the op too (IndexError where eager's ``scatter_add`` raises RuntimeError,
-as the gather rewrites raise for ``x[idx]``). Out-of-range entries are never silently dropped.
+spelling refuses raises in the op too (an IndexError where eager's ``scatter_add`` raises a
+RuntimeError: the same entries refused). Out-of-range entries are never silently dropped.
 
 Left alone: a scatter over another dimension; a 2-D index that is not an (n, 1) column expanded to
 the rows' (n, k) (any other index scatters elements, not rows); an index narrower than the rows or the
