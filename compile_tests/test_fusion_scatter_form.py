@@ -202,7 +202,24 @@ def test_every_entry_raises_where_eager_raises(name, lowering):
                 continue
             assert error is None, f"{what}: eager returned, compiled raised {error!r}"
             _check(got, e_value, _reference(y, t, w, dest, scale, rounding, addend, weighted), what)
-    assert fused_moe_ops.fusion_stats()["by_pattern"] == {"scatter_mul_sum": 1}
+    stats = fused_moe_ops.fusion_stats()
+    assert stats["by_pattern"] == {"scatter_mul_sum": 1}, stats
+    if lowering is None:  # a decode-sized CPU combine: the decomposition, without a benchmark
+        assert stats["lowered"] == {"scatter_decomposition": 1}, stats
+
+
+def test_scatter_choice_rule():
+    """policy.scatter_choice: the decomposition wherever the op is not shown faster (no native kernel, a
+    symbolic size, a CPU decode size), else a benchmark (None)."""
+    from fused_moe_ops.fusion import policy
+
+    big = policy.CPU_NO_BENCHMARK_ELEMENTS
+    assert policy.scatter_choice("cpu", 4096, 8192, 2048, torch.bfloat16, native_kernel=False) == "decomposition"
+    assert policy.scatter_choice("cuda", 4096, 8192, 2048, torch.bfloat16, native_kernel=False) == "decomposition"
+    assert policy.scatter_choice("cpu", None, 8192, 2048, torch.bfloat16, native_kernel=True) == "decomposition"
+    assert policy.scatter_choice("cpu", 16, 8, big // 8, torch.bfloat16, native_kernel=True) == "decomposition"
+    assert policy.scatter_choice("cpu", 16, 8, big // 8 + 1, torch.bfloat16, native_kernel=True) is None
+    assert policy.scatter_choice("cuda", 16, 8, 16, torch.bfloat16, native_kernel=True) is None
 
 
 def test_scatter_add_out_of_range_raises_at_a_parallel_size():
