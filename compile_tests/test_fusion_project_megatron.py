@@ -105,7 +105,7 @@ MODES = {"static": (False, (1,), (7,)), "automatic-dynamic": (None, (1, 2), (7, 
 
 @pytest.mark.parametrize("dtype, mode", [
     pytest.param(torch.float32, "static", id="float32-static"),
-    pytest.param(torch.bfloat16, "static", id="bfloat16-static"),
+    pytest.param(torch.bfloat16, "static", id="bfloat16-static", marks=pytest.mark.slow),
     pytest.param(torch.bfloat16, "automatic-dynamic", id="bfloat16-automatic-dynamic", marks=pytest.mark.slow),
     pytest.param(torch.float16, "static", id="float16-static", marks=pytest.mark.slow),
     pytest.param(torch.float32, "automatic-dynamic", id="float32-automatic-dynamic", marks=pytest.mark.slow),
