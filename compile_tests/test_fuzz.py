@@ -55,3 +55,8 @@ def test_compare_takes_the_scatter_range_error_for_eagers():
     assert fuzz.compare(ours, _outcome(error=RuntimeError), _outcome(error=RuntimeError), 1.0, 2) is None
     other = fuzz.Outcome(value=None, error=IndexError, inputs_after=[], message="index 5 is out of bounds")
     assert "error type IndexError" in fuzz.compare(other, _outcome(error=RuntimeError), _outcome(error=RuntimeError), 1.0, 2)
+    decomposition = fuzz.Outcome(value=None, error=RuntimeError, inputs_after=[],
+                                 message="index 1 is out of bounds for dimension 0 with size 1")
+    assert fuzz.compare(decomposition, _outcome(error=IndexError), _outcome(error=IndexError), 1.0, 2) is None
+    assert "error type RuntimeError" in fuzz.compare(_outcome(error=RuntimeError), _outcome(error=IndexError),
+                                                     _outcome(error=IndexError), 1.0, 2)
