@@ -107,48 +107,48 @@ def _sorted(logits):
     return w, ids, perm
 
 
-def index_add_index_not_from_a_sort(y, logits):  # the expert ids themselves as token numbers
-    w, ids = route(logits)
-    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
-    return zeros.index_add(0, ids.view(-1), y * w.view(-1, 1))
-
-
-def index_add_into_ones(y, logits):  # the destination is not zeros
-    w, ids, perm = _sorted(logits)
-    ones = torch.ones(ids.shape[0], y.shape[1], dtype=y.dtype)
-    return ones.index_add(0, perm // TOPK, y * w.view(-1)[perm, None])
-
-
-def index_add_alpha(y, logits):
-    w, ids, perm = _sorted(logits)
-    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
-    return zeros.index_add(0, perm // TOPK, y * w.view(-1)[perm, None], alpha=2)
-
-
-def scatter_add_other_divisor(y, logits):  # perm // 3 with topk 2: not one token per topk rows
-    w, ids, perm = _sorted(logits)
-    tok = perm // (TOPK + 1)
-    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
-    return zeros.scatter_add(0, tok[:, None].expand(-1, y.shape[1]), y * w.view(-1)[perm, None])
-
-
 def scatter_add_narrow_index(y, logits):  # the index covers half the columns: the rest stays zero
     w, ids, perm = _sorted(logits)
     zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
     return zeros.scatter_add(0, (perm // TOPK)[:, None].expand(-1, y.shape[1] // 2), y * w.view(-1)[perm, None])
 
 
-def scatter_add_per_token_sort(y, logits):  # each token's slots sorted: values in [0, topk), not a permutation
+def scatter_add_over_dim_1(y, logits):  # tokens along the columns: not a row scatter
     w, ids = route(logits)
-    perm = ids.sort(dim=1).indices.reshape(-1)
+    zeros = torch.zeros(y.shape[1], ids.shape[0], dtype=y.dtype)
+    return zeros.scatter_add(1, ids.view(1, -1).expand(y.shape[1], -1), (y * w.view(-1, 1)).t())
+
+
+def scatter_add_index_not_a_column(y, logits):  # a 2-D index that varies along the row: scatters elements
+    w, ids = route(logits)
+    idx = (ids.view(-1, 1) + torch.arange(y.shape[1])) % ids.shape[0]
     zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
-    return zeros.index_add(0, perm // TOPK, y * w.view(-1, 1))
+    return zeros.scatter_add(0, idx, y * w.view(-1, 1))
 
 
-def index_put_unweighted(y, logits):  # no weighting multiply
+def index_put_without_accumulate(y, logits):  # a write, not a sum (here each row has a place of its own)
     w, ids, perm = _sorted(logits)
+    zeros = torch.zeros(ids.numel(), y.shape[1], dtype=y.dtype)
+    return zeros.index_put((perm,), y * w.view(-1, 1))
+
+
+def index_put_two_indices(y, logits):  # (token, column) pairs: one element each
+    w, ids = route(logits)
     zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
-    return zeros.index_put((perm // TOPK,), y, accumulate=True)
+    cols = torch.arange(ids.numel()) % y.shape[1]
+    return zeros.index_put((ids.view(-1), cols), (y * w.view(-1, 1)).sum(1), accumulate=True)
+
+
+def index_put_row_broadcast(y, logits):  # one value per index entry broadcast along the row: not rows
+    w, ids = route(logits)
+    zeros = torch.zeros(ids.shape[0], y.shape[1], dtype=y.dtype)
+    return zeros.index_put((ids.view(-1),), (y[:, :1] * w.view(-1, 1)), accumulate=True)
+
+
+def index_put_3d_destination(y, logits):  # a (m, 1, k) destination: the result is not (m, k)
+    w, ids = route(logits)
+    zeros = torch.zeros(ids.shape[0], 1, y.shape[1], dtype=y.dtype)
+    return zeros.index_put((ids.view(-1),), (y * w.view(-1, 1)).unsqueeze(1), accumulate=True)
 
 
 class Case(NamedTuple):
@@ -179,13 +179,13 @@ CASES = {
     "einsum_per_token_broadcast_rows": Case(einsum_per_token_broadcast_rows, per_token=True),
     "einsum_per_token_pointwise_rows": Case(einsum_per_token_pointwise_rows, per_token=True),
     "einsum_per_token_sum_over_k": Case(einsum_per_token_sum_over_k, per_token=True, seen=False),
-    "index_add_index_not_from_a_sort": Case(index_add_index_not_from_a_sort, scatter=True),
-    "index_add_into_ones": Case(index_add_into_ones, scatter=True),
-    "index_add_alpha": Case(index_add_alpha, scatter=True, seen=False),  # alpha: a pattern of its own arity
-    "scatter_add_other_divisor": Case(scatter_add_other_divisor, scatter=True),
     "scatter_add_narrow_index": Case(scatter_add_narrow_index, scatter=True),
-    "scatter_add_per_token_sort": Case(scatter_add_per_token_sort, scatter=True),
-    "index_put_unweighted": Case(index_put_unweighted, scatter=True),
+    "scatter_add_over_dim_1": Case(scatter_add_over_dim_1, scatter=True),
+    "scatter_add_index_not_a_column": Case(scatter_add_index_not_a_column, scatter=True),
+    "index_put_without_accumulate": Case(index_put_without_accumulate, scatter=True, seen=False),
+    "index_put_two_indices": Case(index_put_two_indices, scatter=True),
+    "index_put_row_broadcast": Case(index_put_row_broadcast, scatter=True),
+    "index_put_3d_destination": Case(index_put_3d_destination, scatter=True),
 }
 
 

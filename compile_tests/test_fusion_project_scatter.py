@@ -6,11 +6,12 @@ Sources: pytorch/ao torchao/prototype/moe_quant/quantizable_moe_modules.py (MoEF
 ExpertsAOQuantizable._forward_grouped_mm); huggingface/transformers models/jetmoe (JetMoeTopKGating,
 JetMoeParallelExperts, JetMoeMoE).
 
-torchao: rewritten with static shapes. Its token numbers are a float32 division (``perm.div(top_k)
-.floor()``), exact only for a known row count, so with a dynamic token count the combine is left to
-Inductor (and still right). JetMoE: its router calls ``.tolist()``, a graph break; the combine's graph
-gets the token index as an input, where nothing shows it came from a sort, so it is left alone; with
-``capture_scalar_outputs`` the router and the combine are one graph and it is rewritten.
+torchao: rewritten into the gather form with static shapes. Its token numbers are a float32 division
+(``perm.div(top_k).floor()``), provably ``perm // top_k`` only for a known row count, so with a dynamic
+token count the combine takes the scatter form (any index). JetMoE: its router calls ``.tolist()``, a
+graph break; the combine's graph gets the token index as an input, where nothing shows it came from a
+sort: the scatter form; with ``capture_scalar_outputs`` the router and the combine are one graph and
+the gather form is taken.
 """
 from __future__ import annotations
 
@@ -189,16 +190,16 @@ def test_torchao_grouped_mm_static():
     assert "torch.ops.aten.scatter_add" not in code and "scatter_add_(" not in code
 
 
-def test_torchao_grouped_mm_dynamic_left_alone():
+def test_torchao_grouped_mm_dynamic_scatter_form():
     _run(MoEFeedForwardAOQuantizable(), torch.bfloat16, dynamic=True)
-    assert fused_moe_ops.fusion_stats()["rewrites"] == 0, fused_moe_ops.fusion_stats()
+    assert fused_moe_ops.fusion_stats()["by_pattern"] == {"scatter_mul_sum": 1}, fused_moe_ops.fusion_stats()
 
 
-def test_jetmoe_graph_break_left_alone():
+def test_jetmoe_graph_break_scatter_form():
     """``.tolist()`` breaks the graph inside the router: the combine's graph reads the token index as an
-    input. Left alone, and right."""
+    input. The scatter form, and right (two token counts, static: two compiles)."""
     _run(JetMoeMoE(), torch.float32, dynamic=False)
-    assert fused_moe_ops.fusion_stats()["by_pattern"].get("scatter_add_combine", 0) == 0
+    assert fused_moe_ops.fusion_stats()["by_pattern"] == {"scatter_mul_sum": 2}, fused_moe_ops.fusion_stats()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -45,3 +45,18 @@ def test_compare_accepts_what_inductor_accepts():
     plain = _outcome(T([3.0]))
     assert fuzz.compare(_outcome(T([3.0])), _outcome(error=IndexError), plain, 1.0, 2) is None
     assert fuzz.compare(_outcome(T([4.0])), _outcome(error=IndexError), plain, 1.0, 2, 2.0**-23) is not None
+
+
+def test_compare_takes_the_scatter_range_error_for_eagers():
+    """The scatter form's range check raises IndexError where eager's scatter_add raises RuntimeError:
+    the same refusal (as the compile tests hold it). Any other IndexError for a RuntimeError is reported."""
+    ours = fuzz.Outcome(value=None, error=IndexError, inputs_after=[],
+                        message="moe::scatter_mul_sum: index[2] = -1 is out of range: the result has 3 rows")
+    assert fuzz.compare(ours, _outcome(error=RuntimeError), _outcome(error=RuntimeError), 1.0, 2) is None
+    other = fuzz.Outcome(value=None, error=IndexError, inputs_after=[], message="index 5 is out of bounds")
+    assert "error type IndexError" in fuzz.compare(other, _outcome(error=RuntimeError), _outcome(error=RuntimeError), 1.0, 2)
+    decomposition = fuzz.Outcome(value=None, error=RuntimeError, inputs_after=[],
+                                 message="index 1 is out of bounds for dimension 0 with size 1")
+    assert fuzz.compare(decomposition, _outcome(error=IndexError), _outcome(error=IndexError), 1.0, 2) is None
+    assert "error type RuntimeError" in fuzz.compare(_outcome(error=RuntimeError), _outcome(error=IndexError),
+                                                     _outcome(error=IndexError), 1.0, 2)

@@ -63,6 +63,8 @@ class ShuffleMulSumFusionPass(CustomGraphPass):
             # Importing the fusion modules registers their patterns (deferred so that
             # `import fused_moe_ops` stays cheap).
             from . import bmm_combine, gather_mul_sum, one_token_sum, scatter_add_combine, weighted_rows_sum  # noqa: F401
+            # After scatter_add_combine: the same scatters, where that one proves nothing (first match wins).
+            from . import scatter_mul_sum  # noqa: F401
             from ._common import PATTERNS
 
             self._patterns = PATTERNS
@@ -80,6 +82,9 @@ class ShuffleMulSumFusionPass(CustomGraphPass):
 
             fold_epilogues(graph)
             ensure_registered()  # Inductor chooses between the op and its own code (torch >= 2.12)
+            from .scatter_autotune import ensure_registered as ensure_scatter_registered
+
+            ensure_scatter_registered()
 
     def uuid(self) -> Optional[Any]:
         from .autotune import cache_key
@@ -106,7 +111,8 @@ def realize_inputs_as_inductor_will() -> None:
     needs_realized = getattr(lowering, "needs_realized_inputs", None)
     if needs_realized is None:  # a torch without the set: nothing differs between compiles
         return
-    for op in (torch.ops.moe._shuffle_mul_sum_fused.default, torch.ops.moe.shuffle_mul_sum.default):
+    for op in (torch.ops.moe._shuffle_mul_sum_fused.default, torch.ops.moe.shuffle_mul_sum.default,
+               torch.ops.moe._scatter_mul_sum_fused.default):
         if op not in needs_realized:
             needs_realized.add(op)
 

@@ -137,3 +137,57 @@ def combine_unrolled(*tensors: Tensor, **kwargs) -> Tensor:
 
 
 DECOMPOSITIONS = {"reduction": combine_reduction, "unrolled": combine_unrolled}
+
+
+# ------------------------------------------------------------------ the scatter form
+
+# ``moe::_scatter_mul_sum_fused`` (ops.py, SCATTER_FUSED_SCHEMA) in ATen: what Inductor would have compiled
+# from the user's line, in float32, rounded once. Its tensors arrive positional (the given ones, in this
+# order), the rest by name. ``num_tokens_like``: a tensor whose first size is the token count, given where
+# that count is symbolic (a size the traced decomposition must read from a tensor; not an argument of the op).
+SCATTER_TENSOR_ARGS = ("input", "index", "factors", "addend", "num_tokens_like")
+SCATTER_DEFAULTS = dict(num_tokens=None, out_dtype=None, negative_index=0, factor_round=0, scale=1.0)
+
+
+def scatter_rows_sum(*tensors: Tensor, **kwargs) -> Tensor:
+    """float32 ``zeros(M, K)`` plus ``factors * rows`` scattered to their tokens, then ``* scale + addend``,
+    rounded once. Negative entries: skipped (0: their row and factor never reach the sum, NaN included),
+    wrapped (1) or refused (2). Every entry the op refuses (``>= M``; ``< -M`` when wrapping; any negative
+    one as an error) reaches the scatter as token M, never as a negative index, which an indexed store
+    could wrap once more: the scatter's range check raises, as the op does.
+
+    The scatter is the one the spelling compiles to without the pass. Refused negatives (2: the user wrote
+    ``scatter_add``): ``scatter_add``, which Inductor hands to ATen on a CPU with threads
+    (``config.cpp.fallback_scatter_reduce_sum``), whose range check raises a RuntimeError. Otherwise
+    (``index_put(accumulate=True)``, ``index_add`` once decomposed): ``index_add``, which Inductor compiles
+    into its own accumulating kernel (atomic adds, fused with the product), as it does the user's line;
+    that kernel checks the range inside its loop, where a failed check inside a parallel region aborts
+    the process, with or without the pass. Summation order: ATen's, or atomic adds where Inductor
+    generates the kernel: deterministic only up to float32 rounding there."""
+    names = [n for n in SCATTER_TENSOR_ARGS if n not in kwargs]
+    a = dict(SCATTER_DEFAULTS, factors=None, addend=None, num_tokens_like=None)
+    a.update(zip(names, tensors))
+    a.update(kwargs)
+    x, index = a["input"], a["index"]
+    m = a["num_tokens"] if a["num_tokens_like"] is None else a["num_tokens_like"].shape[0]
+    mode = a["negative_index"]
+    keep = None
+    if mode == SKIP_NEGATIVE:
+        keep = index >= 0
+        dest = torch.where(keep, index, 0)
+    elif mode == NEGATIVE_IS_ERROR:
+        dest = torch.where(index < 0, m, index)
+    else:
+        dest = torch.where(index < -m, m, torch.where(index < 0, index + m, index))
+    contrib = x.to(torch.float32)
+    if a["factors"] is not None:
+        contrib = contrib * _factors32(a["factors"], a["factor_round"]).unsqueeze(-1)
+    if keep is not None:
+        contrib = torch.where(keep.unsqueeze(-1), contrib, 0.0)
+    k = x.shape[1]
+    total = x.new_zeros((m, k), dtype=torch.float32)
+    if mode == NEGATIVE_IS_ERROR:
+        total = total.scatter_add(0, dest.long().unsqueeze(1).expand(-1, k), contrib)
+    else:
+        total = total.index_add(0, dest, contrib)
+    return _finish(total, x, a["out_dtype"], a["scale"], a["addend"])

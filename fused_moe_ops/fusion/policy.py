@@ -118,3 +118,23 @@ def choice_without_benchmark(device_type: str, m: int, topk: int, k: int, dtype:
     if device_type == "cpu" and m * topk * k <= CPU_NO_BENCHMARK_ELEMENTS:
         return "unrolled" if topk <= 16 else "reduction"
     return None
+
+
+def scatter_choice(device_type: str, m: Optional[int], rows: Optional[int], k: Optional[int], dtype: torch.dtype,
+                   native_kernel: bool) -> Optional[str]:
+    """How Inductor lowers one scatter combine (``moe::_scatter_mul_sum_fused``, fusion/scatter_autotune.py):
+    ``"decomposition"`` (fusion/decompositions.py ``scatter_rows_sum``: Inductor's own code for a
+    scatter_add of the rows, inlined without a benchmark), ``"op"`` (the op's kernel) or None (Inductor benchmarks the two). ``m``, ``rows``, ``k``
+    are ints, or None where symbolic; ``native_kernel`` whether a C++/CUDA kernel serves the op on the
+    device (else it is the plain-PyTorch reference, which copies through the CPU).
+
+    The decomposition wherever the op cannot be shown to be faster: without a native kernel; for a
+    symbolic size (one compile serves every token count; no measurement covers them all); on CPU up to
+    ``CPU_NO_BENCHMARK_ELEMENTS`` row elements (rows * k), where the op's dispatch alone costs more than
+    Inductor's whole combine (as for the gather form). Else a benchmark, ties going to the
+    decomposition. Its source is part of the pass's cache key."""
+    if not native_kernel or m is None or rows is None or k is None:
+        return "decomposition"
+    if device_type == "cpu" and rows * k <= CPU_NO_BENCHMARK_ELEMENTS:
+        return "decomposition"
+    return None
