@@ -450,3 +450,61 @@ def capture_error(fn, kw):
 
 def active_cpu() -> str:
     return _registry.ACTIVE.get("cpu", "?")
+
+
+# ---------------------------------------------------------------- random differential harness
+# tests/test_fused_op_differential.py and tests/test_scatter_op_differential.py run their random cases
+# in child processes (the module itself, with --worker) that announce each case before running it, so a
+# crash (a segfault, an abort) is blamed on its case and the run goes on from the next one.
+
+
+def differential_worker(run_case: Callable[[str, int, int], None], kernel: str, seed: int, start: int,
+                        count: int) -> None:
+    """The child's loop: ``run_case(kernel, seed, i)`` for each case, announced and reported on stdout."""
+    import json
+    import traceback
+
+    crash_at = int(os.environ.get("FMO_DIFFERENTIAL_CRASH_AT", "-1"))  # the harness's own test
+    for i in range(start, start + count):
+        print(f"START {i}", flush=True)
+        if i == crash_at:
+            os.abort()
+        try:
+            run_case(kernel, seed, i)
+            print(f"OK {i}", flush=True)
+        except Exception:  # noqa: BLE001 - reported per case
+            print(f"FAIL {i} " + json.dumps(traceback.format_exc(limit=4)), flush=True)
+
+
+def differential_run(script: Path, kernel: str, seed: int, count: int, timeout: float,
+                     env: Optional[Dict[str, str]] = None):
+    """Run cases ``seed/0 .. seed/count-1`` on ``kernel`` in children of ``script`` (a differential test
+    module run with --worker); returns (number of cases that ran, [(case, problem)])."""
+    import json
+
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = os.pathsep.join([str(script.parents[1]), str(script.parent), env.get("PYTHONPATH", "")])
+    problems: List[tuple] = []
+    ran, start = 0, 0
+    while start < count:
+        proc = subprocess.run([sys.executable, str(script), "--worker", "--kernel", kernel, "--seed", str(seed),
+                               "--start", str(start), "--count", str(count - start)],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+        started = None
+        for line in proc.stdout.splitlines():
+            word, _, rest = line.partition(" ")
+            if word == "START":
+                started = int(rest)
+            elif word == "OK":
+                ran, started = ran + 1, None
+            elif word == "FAIL":
+                index, _, tb = rest.partition(" ")
+                problems.append((int(index), json.loads(tb)))
+                ran, started = ran + 1, None
+        if proc.returncode == 0:
+            break
+        if started is None:  # died before its first case: nothing to blame a case for
+            raise RuntimeError(f"the {kernel} worker failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        problems.append((started, f"the process died (rc {proc.returncode}) in this case:\n{proc.stderr[-1500:]}"))
+        ran, start = ran + 1, started + 1
+    return ran, problems

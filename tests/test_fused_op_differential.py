@@ -19,14 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
-import os
 import random
-import subprocess
 import sys
-import traceback
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import pytest
 import torch
@@ -35,7 +31,7 @@ if __name__ == "__main__":  # the worker: load the test helpers pytest would
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import conftest  # noqa: F401  (registers _moe_testlib)
 
-from _moe_testlib import assert_unmodified, poison_allocator, seed_of, snapshot
+from _moe_testlib import (assert_unmodified, differential_run, differential_worker, poison_allocator, seed_of, snapshot)
 
 from fused_moe_ops.ops import FACTOR_ROUND, NEGATIVE_IS_ERROR, SKIP_NEGATIVE, WRAP_NEGATIVE
 from test_fused_op import Spec, assert_fused_matches_reference, make_fused_case
@@ -106,47 +102,13 @@ WORKER_ENV = {"triton": {"TRITON_INTERPRET": "1"}}
 
 
 def _worker(kernel: str, seed: int, start: int, count: int) -> None:
-    crash_at = int(os.environ.get("FMO_DIFFERENTIAL_CRASH_AT", "-1"))  # the harness's own test
-    for i in range(start, start + count):
-        print(f"START {i}", flush=True)
-        if i == crash_at:
-            os.abort()
-        try:
-            run_case(kernel, seed, i)
-            print(f"OK {i}", flush=True)
-        except Exception:  # noqa: BLE001 - reported per case
-            print(f"FAIL {i} " + json.dumps(traceback.format_exc(limit=4)), flush=True)
+    differential_worker(run_case, kernel, seed, start, count)
 
 
 def differential(kernel: str, seed: int, count: int, timeout: float = 900, env: Optional[Dict[str, str]] = None):
     """Run cases ``seed/0 .. seed/count-1`` on ``kernel`` in child processes; returns
     (number of cases that ran, [(case, problem)])."""
-    env = dict(os.environ, **WORKER_ENV.get(kernel, {}), **(env or {}))
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), str(HERE.parent), env.get("PYTHONPATH", "")])
-    problems: List[Tuple[int, str]] = []
-    ran, start = 0, 0
-    while start < count:
-        proc = subprocess.run([sys.executable, str(HERE), "--worker", "--kernel", kernel, "--seed", str(seed),
-                               "--start", str(start), "--count", str(count - start)],
-                              env=env, capture_output=True, text=True, timeout=timeout)
-        started = None
-        for line in proc.stdout.splitlines():
-            word, _, rest = line.partition(" ")
-            if word == "START":
-                started = int(rest)
-            elif word == "OK":
-                ran, started = ran + 1, None
-            elif word == "FAIL":
-                index, _, tb = rest.partition(" ")
-                problems.append((int(index), json.loads(tb)))
-                ran, started = ran + 1, None
-        if proc.returncode == 0:
-            break
-        if started is None:  # died before its first case: nothing to blame a case for
-            raise RuntimeError(f"the {kernel} worker failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-        problems.append((started, f"the process died (rc {proc.returncode}) in this case:\n{proc.stderr[-1500:]}"))
-        ran, start = ran + 1, started + 1
-    return ran, problems
+    return differential_run(HERE, kernel, seed, count, timeout, dict(WORKER_ENV.get(kernel, {}), **(env or {})))
 
 
 def _report(seed: int, problems) -> str:
