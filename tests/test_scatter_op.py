@@ -549,16 +549,34 @@ def _compiled_combine():
 
 @pytest.mark.parametrize("name", ["skip-mode-M", "wrap-mode-below-minus-M", "error-mode-minus-1"])
 def test_scatter_compiled_out_of_range_raises_the_same(name):
-    """torch.compile(fullgraph=True) of a function calling the op raises eager's IndexError."""
+    """torch.compile(fullgraph=True) of a function calling the op raises eager's IndexError. The
+    internal op is lowered as the op (forced_lowering("op")): left to choose, Inductor inlines its
+    decomposition at this size, whose own bounds check refuses the same entries with its RuntimeError
+    (compile_tests/test_fusion_scatter_form.py holds every lowering to that)."""
+    from fused_moe_ops.fusion.autotune import forced_lowering
+
     torch._dynamo.reset()
     mode, bad, message = OUT_OF_RANGE[name]
-    combine = _compiled_combine()
     x, f = torch.randn(4, 8), torch.rand(4)
-    good = combine(x, torch.tensor([0, 1, 3, 2]), f, 4, mode)  # compiles with valid data first
-    assert_scatter_matches_reference(good, x, torch.tensor([0, 1, 3, 2]), f, 4, mode)
-    with pytest.raises(IndexError) as info:
-        combine(x, torch.tensor([0, 1, bad, 2]), f, 4, mode)
+    with forced_lowering("op"):
+        combine = _compiled_combine()
+        good = combine(x, torch.tensor([0, 1, 3, 2]), f, 4, mode)  # compiles with valid data first
+        assert_scatter_matches_reference(good, x, torch.tensor([0, 1, 3, 2]), f, 4, mode)
+        with pytest.raises(IndexError) as info:
+            combine(x, torch.tensor([0, 1, bad, 2]), f, 4, mode)
     assert message in str(info.value), str(info.value)
+
+
+def test_public_scatter_compiled_out_of_range_raises_the_same():
+    """The public op (never replaced by Inductor's code) raises eager's IndexError from a compiled graph."""
+    torch._dynamo.reset()
+    combine = torch.compile(lambda x, idx, f: torch.ops.moe.scatter_mul_sum(x, idx, f, 4), fullgraph=True)
+    x, f = torch.randn(4, 8), torch.rand(4)
+    torch.testing.assert_close(combine(x, torch.tensor([0, 1, 3, 2]), f),
+                               torch.ops.moe.scatter_mul_sum(x, torch.tensor([0, 1, 3, 2]), f, 4))
+    with pytest.raises(IndexError) as info:
+        combine(x, torch.tensor([0, 1, 4, 2]), f)
+    assert "index[2] = 4 is out of range" in str(info.value), str(info.value)
 
 
 def test_scatter_compiled_static_and_dynamic():
